@@ -1,0 +1,1 @@
+"""ptychostream.bluesky_plans"""

@@ -1,0 +1,16 @@
+"""ptychostream: real-time streaming ptychography for EPICS beamlines.
+
+Core (this package): simulation, geometry, scan files, PtychoNN 2.0, inference engines,
+stitching, SSIM, PV names. Subpackages: ``ioc``, ``plugins``, ``bluesky_plans``, ``hpc``.
+"""
+
+import logging
+
+__version__ = "0.1.0"
+
+
+def setup_logging(level: int | str = logging.INFO) -> None:
+    """One log format for every ptychostream command."""
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )

@@ -1,0 +1,268 @@
+"""Inference engines behind one interface: a batch of frames in, phase images out.
+
+``make_engine(name, model_bytes)`` builds onnxruntime (CPU default), torch, or
+TensorRT (where importable, with a CUDA GPU) from ONNX bytes or a PyTorch state
+dict. Preprocessing (the intensity scale for low-dose data) lives once, in
+:func:`preprocess`, and every engine and the training code use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+
+from ptychostream.model import FRAME_SIZE, ModelError, is_onnx, load_state_dict, to_onnx_bytes
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("onnxruntime", "torch", "tensorrt")
+
+
+def preprocess(frames: np.ndarray, intensity_scale: float = 1.0) -> np.ndarray:
+    """Detector frames (N, H, W) or (N, 1, H, W), any dtype -> float32 (N, 1, H, W) network input.
+
+    ``intensity_scale`` multiplies the counts, e.g. x10 for 0.5 ms low-dose frames fed to a network
+    trained at higher dose (REFERENCE.md, low dose)."""
+    x = np.asarray(frames, dtype=np.float32)
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4 or x.shape[1] != 1:
+        raise ValueError(f"frames must be (N, H, W) or (N, 1, H, W), got {x.shape}")
+    if intensity_scale != 1.0:
+        x = x * np.float32(intensity_scale)
+    return np.ascontiguousarray(x)
+
+
+class InferenceEngine(ABC):
+    """Runs PtychoNN 2.0. Subclasses implement ``_run`` on a preprocessed float32 batch."""
+
+    name: str = "engine"
+    #: fixed batch size the model requires (published fixed-batch ONNX), or None for any
+    fixed_batch: int | None = None
+
+    def infer(self, frames: np.ndarray, intensity_scale: float = 1.0) -> np.ndarray:
+        """Frames (N, H, W) -> phase (N, 128, 128) float32, any N (fixed batches padded)."""
+        x = preprocess(frames, intensity_scale)
+        if x.shape[-2:] != (FRAME_SIZE, FRAME_SIZE):
+            raise ValueError(f"frames must be {FRAME_SIZE}x{FRAME_SIZE}, got {x.shape[-2:]}")
+        n = len(x)
+        if self.fixed_batch is None:
+            return self._run(x)[:, 0]
+        b = self.fixed_batch
+        out = np.empty((n, FRAME_SIZE, FRAME_SIZE), np.float32)
+        for s in range(0, n, b):
+            chunk = x[s : s + b]
+            k = len(chunk)
+            if k < b:  # pad the last partial batch with zeros, drop the padding afterwards
+                chunk = np.concatenate([chunk, np.zeros((b - k, *chunk.shape[1:]), np.float32)])
+            out[s : s + k] = self._run(chunk)[:k, 0]
+        return out
+
+    @abstractmethod
+    def _run(self, x: np.ndarray) -> np.ndarray: ...
+
+    def describe(self) -> str:
+        return self.name
+
+
+class OnnxRuntimeEngine(InferenceEngine):
+    name = "onnxruntime"
+
+    def __init__(self, onnx_bytes: bytes, providers: list[str] | None = None, threads: int = 0):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(
+                onnx_bytes, opts, providers=providers or ["CPUExecutionProvider"]
+            )
+        except Exception as exc:
+            raise ModelError(f"onnxruntime cannot load the model: {exc}") from exc
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1 or len(outputs) < 1:
+            raise ModelError(f"expected one input, got {len(inputs)} inputs, {len(outputs)} outputs")
+        self.input_name = inputs[0].name
+        self.output_name = outputs[0].name
+        shape = inputs[0].shape
+        if len(shape) != 4 or list(shape[1:]) != [1, FRAME_SIZE, FRAME_SIZE]:
+            raise ModelError(f"model input shape {shape} is not (batch, 1, 128, 128)")
+        self.fixed_batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input_name: x})[0]
+
+
+class TorchEngine(InferenceEngine):
+    name = "torch"
+
+    def __init__(self, state: bytes | dict, device: str | None = None):
+        import torch
+
+        self.torch = torch
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_state_dict(state).to(self.device).eval()
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        with self.torch.inference_mode():
+            return self.model(self.torch.from_numpy(x).to(self.device)).float().cpu().numpy()
+
+    def describe(self) -> str:
+        return f"torch ({self.device})"
+
+
+class TensorRTEngine(InferenceEngine):
+    """TensorRT engine built from ONNX (FP16 by default) and cached on disk by content hash.
+
+    Needs ``tensorrt`` and a CUDA GPU; torch CUDA tensors hold the I/O buffers."""
+
+    name = "tensorrt"
+
+    def __init__(self, onnx_bytes: bytes, fp16: bool = True, max_batch: int = 64,
+                 cache_dir: str | Path | None = None):
+        import tensorrt as trt
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ModelError("TensorRT needs a CUDA GPU and none is visible")
+        self.torch, self.trt = torch, trt
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        cache_dir = Path(cache_dir or os.environ.get("PTYCHOSTREAM_TRT_CACHE", "~/.cache/ptychostream/trt")).expanduser()
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        key = hashlib.sha256(
+            onnx_bytes + f"{trt.__version__}{torch.cuda.get_device_name()}{fp16}{max_batch}".encode()
+        ).hexdigest()[:20]
+        plan = cache_dir / f"ptychonn-{key}.engine"
+        if plan.exists():
+            serialized = plan.read_bytes()
+            log.info("TensorRT engine from cache %s", plan)
+        else:
+            t0 = time.perf_counter()
+            serialized = self._build(onnx_bytes, fp16, max_batch)
+            plan.write_bytes(serialized)
+            log.info("TensorRT engine built in %.1f s, cached at %s", time.perf_counter() - t0, plan)
+        self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(serialized)
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        mode = trt.TensorIOMode.INPUT
+        self.input_name = next(n for n in names if self.engine.get_tensor_mode(n) == mode)
+        self.output_name = next(n for n in names if self.engine.get_tensor_mode(n) != mode)
+        b = self.engine.get_tensor_shape(self.input_name)[0]
+        self.fixed_batch = b if b > 0 else None
+        self.stream = torch.cuda.Stream()
+
+    def _build(self, onnx_bytes: bytes, fp16: bool, max_batch: int) -> bytes:
+        trt = self.trt
+        builder = trt.Builder(self.logger)
+        network = builder.create_network(0)
+        parser = trt.OnnxParser(network, self.logger)
+        if not parser.parse(onnx_bytes):
+            errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise ModelError(f"TensorRT cannot parse the ONNX model: {errs}")
+        config = builder.create_builder_config()
+        if fp16 and hasattr(trt.BuilderFlag, "FP16"):
+            config.set_flag(trt.BuilderFlag.FP16)
+        inp = network.get_input(0)
+        if inp.shape[0] == -1:
+            profile = builder.create_optimization_profile()
+            s = tuple(inp.shape[1:])
+            profile.set_shape(inp.name, (1, *s), (8, *s), (max_batch, *s))
+            config.add_optimization_profile(profile)
+        serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
+            raise ModelError("TensorRT engine build failed")
+        return bytes(serialized)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        inp = torch.from_numpy(x).to("cuda", non_blocking=True)
+        self.context.set_input_shape(self.input_name, tuple(inp.shape))
+        out = torch.empty(tuple(self.context.get_tensor_shape(self.output_name)), device="cuda")
+        self.context.set_tensor_address(self.input_name, inp.data_ptr())
+        self.context.set_tensor_address(self.output_name, out.data_ptr())
+        torch.cuda.current_stream().synchronize()
+        self.context.execute_async_v3(self.stream.cuda_stream)
+        self.stream.synchronize()
+        return out.cpu().numpy()
+
+
+def available_engines() -> list[str]:
+    """Engines that can run on this machine."""
+    names = []
+    try:
+        import onnxruntime  # noqa: F401
+
+        names.append("onnxruntime")
+    except ImportError:
+        pass
+    try:
+        import torch  # noqa: F401
+
+        names.append("torch")
+    except ImportError:
+        pass
+    try:
+        import tensorrt  # noqa: F401
+        import torch
+
+        if torch.cuda.is_available():
+            names.append("tensorrt")
+    except ImportError:
+        pass
+    return names
+
+
+def make_engine(name: str, model: bytes | str | Path, **kwargs) -> InferenceEngine:
+    """Build engine ``name`` from model bytes or a file (ONNX or PyTorch state dict)."""
+    data = Path(model).read_bytes() if isinstance(model, str | Path) else bytes(model)
+    if not data:
+        raise ModelError("empty model")
+    if name == "onnxruntime":
+        if not is_onnx(data):
+            data = to_onnx_bytes(data)
+        return OnnxRuntimeEngine(data, **kwargs)
+    if name == "torch":
+        if is_onnx(data):
+            raise ModelError("the torch engine needs a PyTorch state dict, got an ONNX model")
+        return TorchEngine(data, **kwargs)
+    if name == "tensorrt":
+        return TensorRTEngine(to_onnx_bytes(data), **kwargs)
+    raise ValueError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}")
+
+
+def validate_engine(engine: InferenceEngine, batch: int = 2, seed: int = 0) -> None:
+    """Run a test batch and check shape and finiteness before a model may serve."""
+    rng = np.random.default_rng(seed)
+    frames = rng.poisson(20.0, (batch, FRAME_SIZE, FRAME_SIZE)).astype(np.float32)
+    try:
+        out = engine.infer(frames)
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"test batch failed: {exc.__class__.__name__}: {exc}") from exc
+    if out.shape != (batch, FRAME_SIZE, FRAME_SIZE):
+        raise ModelError(f"output shape {out.shape} is not ({batch}, 128, 128)")
+    if not np.isfinite(out).all():
+        raise ModelError("output is not finite on the test batch")
+
+
+def load_engine(name: str, model: bytes | str | Path, **kwargs) -> InferenceEngine:
+    """make_engine + validate_engine: the one way a model reaches service."""
+    try:
+        engine = make_engine(name, model, **kwargs)
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"{exc.__class__.__name__}: {exc}") from exc
+    validate_engine(engine)
+    return engine

@@ -1,0 +1,33 @@
+"""Keep EPICS traffic on loopback: no searches or beacons to the broadcast address.
+
+Call :func:`use_loopback` before importing p4p, pvapy or caproto (tests, demo, benchmarks).
+The values are those of shared/epics-loopback.env; already-set variables are kept, so a
+beamline can still point the IOC at its own network by setting them.
+"""
+
+from __future__ import annotations
+
+import os
+
+LOOPBACK = {
+    "EPICS_PVA_AUTO_ADDR_LIST": "NO",
+    "EPICS_PVA_ADDR_LIST": "127.0.0.1",
+    "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1",
+    "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO",
+    "EPICS_PVAS_BEACON_ADDR_LIST": "127.0.0.1",
+    "EPICS_CA_AUTO_ADDR_LIST": "NO",
+    "EPICS_CA_ADDR_LIST": "127.0.0.1",
+    "EPICS_CAS_INTF_ADDR_LIST": "127.0.0.1",
+    "EPICS_CAS_AUTO_BEACON_ADDR_LIST": "NO",
+    "EPICS_CAS_BEACON_ADDR_LIST": "127.0.0.1",
+}
+
+
+def use_loopback(force: bool = False) -> dict[str, str]:
+    """Set the loopback EPICS variables (``force`` overrides values already set)."""
+    for key, value in LOOPBACK.items():
+        if force:
+            os.environ[key] = value
+        else:
+            os.environ.setdefault(key, value)
+    return {k: os.environ[k] for k in LOOPBACK}

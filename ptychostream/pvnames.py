@@ -1,0 +1,89 @@
+"""The PV table, defined once: the IOC serves it, the Phoebus screen and the ophyd devices read it.
+
+Names follow areaDetector plugin conventions (``EnableCallbacks``, ``ArrayCounter_RBV``,
+``ArrayRate_RBV``, ``DroppedArrays_RBV``, ``QueueSize``, ``QueueFree_RBV``,
+``ExecutionTime_RBV``, ``UniqueId_RBV``) under the prefix ``$(P)``, default ``PTYCHO:``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "PTYCHO:"
+
+
+@dataclass(frozen=True)
+class PVSpec:
+    """One PV. ``kind``: 'int', 'float', 'str', 'enum' (scalars, also served over Channel Access),
+    'ntndarray', 'nttable', 'bytes' (pvAccess only). ``writable``: operators/plans may put it."""
+
+    suffix: str
+    kind: str
+    writable: bool = False
+    initial: object = 0
+    doc: str = ""
+    units: str = ""
+    choices: tuple[str, ...] = ()
+
+    @property
+    def ca(self) -> bool:
+        """Scalars are mirrored over Channel Access."""
+        return self.kind in ("int", "float", "str", "enum")
+
+
+def _plugin_pvs(plugin: str, queue_size: int) -> list[PVSpec]:
+    """The areaDetector NDPluginDriver PVs every plugin carries."""
+    p = plugin + ":"
+    return [
+        PVSpec(p + "EnableCallbacks", "enum", True, 1, "process arrays (Enable) or ignore them",
+               choices=("Disable", "Enable")),
+        PVSpec(p + "ArrayCounter_RBV", "int", doc="arrays processed since start or reset"),
+        PVSpec(p + "ArrayCounter", "int", True, doc="write 0 to reset the counters"),
+        PVSpec(p + "ArrayRate_RBV", "float", doc="arrays processed per second", units="Hz"),
+        PVSpec(p + "DroppedArrays_RBV", "int", doc="arrays dropped because the queue was full"),
+        PVSpec(p + "QueueSize", "int", True, queue_size, "input queue length (arrays)"),
+        PVSpec(p + "QueueFree_RBV", "int", initial=queue_size, doc="free places in the queue"),
+        PVSpec(p + "ExecutionTime_RBV", "float", doc="time per array in the last batch", units="ms"),
+        PVSpec(p + "UniqueId_RBV", "int", doc="uniqueId of the last array processed"),
+        PVSpec(p + "Status_RBV", "str", initial="Idle", doc="what the plugin is doing, or the last error"),
+    ]
+
+
+PVS: dict[str, PVSpec] = {
+    spec.suffix: spec
+    for spec in [
+        # ---- inference plugin
+        PVSpec("NN:Phase", "ntndarray", doc="latest inferred phase (rad), uniqueId of the source frame"),
+        PVSpec("NN:Model", "bytes", True, doc="write model bytes (ONNX or PyTorch state dict) to deploy"),
+        PVSpec("NN:ModelVersion_RBV", "int", doc="version of the model serving (0: none)"),
+        PVSpec("NN:ModelName_RBV", "str", initial="", doc="name of the model serving"),
+        PVSpec("NN:ModelStatus_RBV", "str", initial="No model loaded",
+               doc="model state, or why the last model was refused (with alarm)"),
+        PVSpec("NN:BatchSize", "int", True, 8, "frames per engine call"),
+        PVSpec("NN:IntensityScale", "float", True, 1.0, "multiplies frames before inference (low dose)"),
+        PVSpec("NN:Engine_RBV", "str", initial="", doc="onnxruntime, tensorrt or torch"),
+        *_plugin_pvs("NN", 256),
+        # ---- stitching plugin
+        PVSpec("Stitch:Image", "ntndarray", doc="live stitched phase map (rad)"),
+        PVSpec("Stitch:Positions", "nttable", True, doc="planned positions x, y (m), for frames without PosX/PosY"),
+        PVSpec("Stitch:Reset", "int", True, doc="write 1 to start a new map"),
+        PVSpec("Stitch:PixelSize", "float", True, 0.0, "map pixel size (m); 0 takes the frame's", units="m"),
+        PVSpec("Stitch:NumFrames_RBV", "int", doc="frames stitched into the current map"),
+        PVSpec("Stitch:UpdatePeriod", "float", True, 0.5, "seconds between Stitch:Image updates", units="s"),
+        *_plugin_pvs("Stitch", 1024),
+        # ---- quality
+        PVSpec("QA:SSIM", "float", True, 0.0, "SSIM of the serving model against the latest iterative reconstruction"),
+        PVSpec("QA:Decision", "str", True, "", "continual-learning policy: last decision and its reason"),
+    ]
+}
+
+
+def pvname(prefix: str, suffix: str) -> str:
+    """Full PV name; raises KeyError for a suffix not in the table (names live only here)."""
+    if suffix not in PVS:
+        raise KeyError(f"{suffix!r} is not in the ptychostream PV table")
+    return prefix + suffix
+
+
+def all_pvnames(prefix: str = DEFAULT_PREFIX) -> list[str]:
+    return [prefix + s for s in PVS]
