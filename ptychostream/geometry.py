@@ -24,14 +24,22 @@ def object_pixel_size(
 def map_geometry(
     positions_m: np.ndarray, pixel_m: float, frame_size: int, margin_px: int = 0
 ) -> tuple[tuple[int, int], tuple[float, float]]:
-    """Shape (rows, cols) and origin (x0, y0) of a map that holds every frame of a scan."""
+    """Shape (rows, cols) and origin (x0, y0) of a map that holds every frame of a scan.
+
+    The origin snaps to the global lattice (whole multiples of the pixel size), so every map of
+    the same pixel size (live, offline, truth) shares one grid and differs only in extent."""
     pos = np.asarray(positions_m, float)
     half = (frame_size - 1) / 2 + margin_px + 1
-    x0 = pos[:, 0].min() - half * pixel_m
-    y0 = pos[:, 1].min() - half * pixel_m
+    x0 = snap(pos[:, 0].min() - half * pixel_m, pixel_m)
+    y0 = snap(pos[:, 1].min() - half * pixel_m, pixel_m)
     cols = int(np.ceil((pos[:, 0].max() - x0) / pixel_m + half)) + 1
     rows = int(np.ceil((pos[:, 1].max() - y0) / pixel_m + half)) + 1
     return (rows, cols), (float(x0), float(y0))
+
+
+def snap(coord_m: float, pixel_m: float) -> float:
+    """Largest lattice point (a whole multiple of ``pixel_m``) at or below ``coord_m``."""
+    return float(np.floor(coord_m / pixel_m + 1e-9) * pixel_m)
 
 
 def frame_corner_px(

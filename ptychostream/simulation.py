@@ -61,7 +61,8 @@ def _fwhm_diameter(intensity: np.ndarray, pixel_m: float) -> float:
     r = np.hypot(yy - cy, xx - cx)
     rbin = np.round(r).astype(int)
     prof = np.bincount(rbin.ravel(), intensity.ravel()) / np.maximum(np.bincount(rbin.ravel()), 1)
-    prof = prof[: n // 2]
+    prof = prof[: n // 2].copy()
+    prof[:3] = 0.0  # ignore the on-axis Poisson spot of the annular pupil: the ring sets the size
     above = np.nonzero(prof >= prof.max() / 2)[0]
     if len(above) == 0:
         return 0.0
@@ -252,6 +253,18 @@ def diffraction(exit_waves: np.ndarray, photons: float, rng: np.random.Generator
     return rng.poisson(expected).astype(np.uint32)
 
 
+def frames_at(
+    obj: np.ndarray, origin_m, pixel_m: float, probe: np.ndarray, positions_m: np.ndarray,
+    photons: float, rng: np.random.Generator | None,
+) -> np.ndarray:
+    """Diffraction frames of the complex object ``obj`` (map at ``origin_m``) lit by ``probe`` at
+    each beam position: the one forward model, shared by simulate_scan and the ophyd detector."""
+    n = probe.shape[-1]
+    o_re = crop_at(obj.real, positions_m, origin_m, pixel_m, n)
+    o_im = crop_at(obj.imag, positions_m, origin_m, pixel_m, n)
+    return diffraction(probe[None] * (o_re + 1j * o_im), photons, rng)
+
+
 def simulate_scan(cfg: ExperimentConfig | None = None, noise: bool = True, **overrides) -> ScanData:
     """Simulate one spiral scan: frames, positions, metadata and the ground truth.
 
@@ -276,10 +289,8 @@ def simulate_scan(cfg: ExperimentConfig | None = None, noise: bool = True, **ove
     chunk = 64
     for s in range(0, cfg.n_positions, chunk):
         pos = positions[s : s + chunk]
-        o_re = crop_at(obj.real, pos, origin, dx, n)
-        o_im = crop_at(obj.imag, pos, origin, dx, n)
-        exit_waves = probe[None] * (o_re + 1j * o_im)
-        frames[s : s + chunk] = diffraction(exit_waves, cfg.photons_per_frame, rng if noise else None)
+        frames[s : s + chunk] = frames_at(obj, origin, dx, probe, pos, cfg.photons_per_frame,
+                                          rng if noise else None)
         truth_crops[s : s + chunk] = crop_at(phase, pos, origin, dx, n)
 
     scan_id = cfg.scan_id or f"sim-{cfg.sample_kind}-{cfg.seed}"

@@ -12,7 +12,7 @@ import threading
 import numpy as np
 from scipy import ndimage
 
-from ptychostream.geometry import frame_corner_px, map_geometry
+from ptychostream.geometry import frame_corner_px, map_geometry, snap
 
 
 class Stitcher:
@@ -66,7 +66,8 @@ class Stitcher:
         with self._lock:
             if self.origin is None:  # first frame fixes the grid
                 half = (n - 1) / 2 * self.pixel_m
-                self.origin = (position_m[0] - half, position_m[1] - half)
+                self.origin = (snap(position_m[0] - half, self.pixel_m),
+                               snap(position_m[1] - half, self.pixel_m))
                 self._sum = np.zeros((n, n))
                 self._count = np.zeros((n, n))
             r, c = frame_corner_px(position_m, self.origin, self.pixel_m, n)
@@ -97,13 +98,24 @@ class Stitcher:
             return out
 
     def resample_to(self, shape: tuple[int, int], origin_m) -> np.ndarray:
-        """The stitched map on another grid of the same pixel size (e.g. a reconstruction's)."""
+        """The stitched map on another grid of the same pixel size (e.g. a reconstruction's);
+        on the shared lattice this is an exact copy of the overlap, NaN elsewhere."""
         img = self.image()
+        out = np.full(shape, np.nan, np.float32)
+        if self.origin is None:
+            return out
         dr = (self.origin[1] - origin_m[1]) / self.pixel_m
         dc = (self.origin[0] - origin_m[0]) / self.pixel_m
-        rr, cc = np.indices(shape, dtype=np.float64)
-        return ndimage.map_coordinates(img, [rr - dr, cc - dc], order=1, cval=np.nan,
-                                       mode="constant", prefilter=False).astype(np.float32)
+        if abs(dr - round(dr)) > 1e-3 or abs(dc - round(dc)) > 1e-3:  # off-lattice: interpolate
+            rr, cc = np.indices(shape, dtype=np.float64)
+            return ndimage.map_coordinates(img, [rr - dr, cc - dc], order=1, cval=np.nan,
+                                           mode="constant", prefilter=False).astype(np.float32)
+        dr, dc = int(round(dr)), int(round(dc))
+        r0, c0 = max(0, dr), max(0, dc)
+        r1, c1 = min(shape[0], dr + img.shape[0]), min(shape[1], dc + img.shape[1])
+        if r1 > r0 and c1 > c0:
+            out[r0:r1, c0:c1] = img[r0 - dr : r1 - dr, c0 - dc : c1 - dc]
+        return out
 
 
 def stitch(phases: np.ndarray, positions_m: np.ndarray, pixel_m: float, crop: int | None = None) -> tuple[np.ndarray, tuple[float, float]]:
