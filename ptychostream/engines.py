@@ -165,12 +165,14 @@ class TensorRTEngine(InferenceEngine):
         trt = self.trt
         builder = trt.Builder(self.logger)
         network = builder.create_network(0)
+        if fp16 and not hasattr(trt.BuilderFlag, "FP16"):
+            onnx_bytes = _onnx_to_fp16(onnx_bytes)  # TensorRT 11+: strongly typed, FP16 in the graph
         parser = trt.OnnxParser(network, self.logger)
         if not parser.parse(onnx_bytes):
             errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise ModelError(f"TensorRT cannot parse the ONNX model: {errs}")
         config = builder.create_builder_config()
-        if fp16 and hasattr(trt.BuilderFlag, "FP16"):
+        if fp16 and hasattr(trt.BuilderFlag, "FP16"):  # TensorRT 10: weakly typed, FP16 by flag
             config.set_flag(trt.BuilderFlag.FP16)
         inp = network.get_input(0)
         if inp.shape[0] == -1:
@@ -194,6 +196,18 @@ class TensorRTEngine(InferenceEngine):
         self.context.execute_async_v3(self.stream.cuda_stream)
         self.stream.synchronize()
         return out.cpu().numpy()
+
+
+def _onnx_to_fp16(onnx_bytes: bytes) -> bytes:
+    """Cast an ONNX graph to float16 with float32 inputs/outputs (onnxconverter-common)."""
+    try:
+        import onnx
+        from onnxconverter_common import float16
+    except ImportError:
+        log.warning("onnxconverter-common not installed: TensorRT engine stays FP32")
+        return onnx_bytes
+    model = float16.convert_float_to_float16(onnx.load_model_from_string(onnx_bytes), keep_io_types=True)
+    return model.SerializeToString()
 
 
 def available_engines() -> list[str]:
