@@ -40,7 +40,9 @@ def _plugin_pvs(plugin: str, queue_size: int) -> list[PVSpec]:
         PVSpec(p + "ArrayCounter_RBV", "int", doc="arrays processed since start or reset"),
         PVSpec(p + "ArrayCounter", "int", True, doc="write 0 to reset the counters"),
         PVSpec(p + "ArrayRate_RBV", "float", doc="arrays processed per second", units="Hz"),
-        PVSpec(p + "DroppedArrays_RBV", "int", doc="arrays dropped because the queue was full"),
+        PVSpec(p + "DroppedArrays_RBV", "int",
+               doc="arrays received but not processed: queue full, malformed, or no model"),
+        PVSpec(p + "BadArrays_RBV", "int", doc="malformed arrays among the dropped ones (see Status_RBV)"),
         PVSpec(p + "QueueSize", "int", True, queue_size, "input queue length (arrays)"),
         PVSpec(p + "QueueFree_RBV", "int", initial=queue_size, doc="free places in the queue"),
         PVSpec(p + "ExecutionTime_RBV", "float", doc="time per array in the last batch", units="ms"),
@@ -54,7 +56,9 @@ PVS: dict[str, PVSpec] = {
     for spec in [
         # ---- inference plugin
         PVSpec("NN:Phase", "ntndarray", doc="latest inferred phase (rad), uniqueId of the source frame"),
-        PVSpec("NN:Model", "bytes", True, doc="write model bytes (ONNX or PyTorch state dict) to deploy"),
+        PVSpec("NN:Model", "bytes", True,
+               doc="write model bytes (ONNX or PyTorch state dict) as a ubyte array with an "
+                   "optional 'name' field; the put completes when validated (error: refused)"),
         PVSpec("NN:ModelVersion_RBV", "int", doc="version of the model serving (0: none)"),
         PVSpec("NN:ModelName_RBV", "str", initial="", doc="name of the model serving"),
         PVSpec("NN:ModelStatus_RBV", "str", initial="No model loaded",
@@ -65,7 +69,9 @@ PVS: dict[str, PVSpec] = {
         *_plugin_pvs("NN", 256),
         # ---- stitching plugin
         PVSpec("Stitch:Image", "ntndarray", doc="live stitched phase map (rad)"),
-        PVSpec("Stitch:Positions", "nttable", True, doc="planned positions x, y (m), for frames without PosX/PosY"),
+        PVSpec("Stitch:Positions", "nttable", True,
+               doc="planned positions: columns x, y (m) and optional uniqueId, for frames without "
+                   "PosX/PosY (matched by uniqueId, else by arrival order); starts a new map"),
         PVSpec("Stitch:Reset", "int", True, doc="write 1 to start a new map"),
         PVSpec("Stitch:PixelSize", "float", True, 0.0, "map pixel size (m); 0 takes the frame's", units="m"),
         PVSpec("Stitch:NumFrames_RBV", "int", doc="frames stitched into the current map"),

@@ -1,0 +1,201 @@
+"""Simulated detector: publishes diffraction frames as NTNDArray, as an areaDetector PVA plugin does.
+
+``FramePublisher`` is the reusable piece (one PV on its own p4p server); ``SimDetector`` streams a
+scan (simulated, or read from a scan file) through it at a chosen frame rate with the attributes
+PosX/PosY (m) and PixelSize (object pixel, m) the IOC's stitcher uses.
+
+    ptychostream-sim-detector --pv 13SIM1:Pva1:Image --n-positions 200 --rate 100
+    ptychostream-sim-detector --pv 13SIM1:Pva1:Image --scan-file scan.h5 --repeat 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+
+from ptychostream.epics_env import use_loopback
+from ptychostream.ntndarray import Frame, ntndarray_type, to_value
+from ptychostream.scanfile import ScanData
+
+log = logging.getLogger(__name__)
+
+
+class FramePublisher:
+    """One NTNDArray PV served by its own p4p server; ``publish`` posts a frame to its monitors.
+
+    Use as a context manager, or call ``close()``. The PV is served at once with an empty array
+    (uniqueId 0), as an areaDetector PVA plugin's is before its first frame, so clients can
+    connect before the scan starts; ``open_empty=False`` serves it from the first ``publish``.
+    """
+
+    def __init__(self, pv_name: str, open_empty: bool = True) -> None:
+        use_loopback()
+        from p4p.server import Server
+        from p4p.server.thread import SharedPV
+
+        self.pv_name = pv_name
+        self.count = 0
+        self._lock = threading.Lock()
+        self._pv = SharedPV()
+        if open_empty:
+            self._pv.open(to_value(Frame(np.zeros((0, 0), np.uint32))))
+        self._server = Server(providers=[{pv_name: self._pv}])
+        log.debug("FramePublisher serving %s", pv_name)
+
+    @staticmethod
+    def frame_type():
+        return ntndarray_type()
+
+    def publish(self, data: np.ndarray, unique_id: int, attributes: dict | None = None,
+                timestamp: float | None = None) -> None:
+        """Post one frame (2-D array) with its uniqueId, attributes and timestamp (default now)."""
+        value = to_value(Frame(np.asarray(data), int(unique_id), timestamp or time.time(),
+                               dict(attributes or {})))
+        with self._lock:
+            if self._pv.isOpen():
+                self._pv.post(value)
+            else:
+                self._pv.open(value)
+            self.count += 1
+
+    def close(self) -> None:
+        """Close the PV (clients see a disconnect) and stop the server."""
+        if self._server is None:
+            return
+        try:
+            self._pv.close(destroy=True)
+        finally:
+            self._server.stop()
+            self._server = None
+
+    def __enter__(self) -> FramePublisher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class SimDetector:
+    """Streams the frames of a scan through a FramePublisher at ``rate`` frames/s.
+
+    ``repeat``: how many passes over the scan (0: forever). uniqueIds keep counting across
+    passes, from ``first_unique_id``. ``rate`` <= 0 publishes as fast as possible.
+    """
+
+    def __init__(self, pv_name: str, scan: ScanData, rate: float = 100.0, repeat: int = 1,
+                 first_unique_id: int = 1, publisher: FramePublisher | None = None) -> None:
+        self.scan = scan
+        self.rate = rate
+        self.repeat = repeat
+        self.first_unique_id = first_unique_id
+        self.publisher = publisher or FramePublisher(pv_name)
+        self.sent_unique_ids: list[int] = []
+        self.sent_times: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def frames(self) -> Iterator[tuple[int, np.ndarray, dict]]:
+        """(uniqueId, frame, attributes) for every frame of every pass."""
+        uid = self.first_unique_id
+        n_pass = 0
+        while self.repeat <= 0 or n_pass < self.repeat:
+            for i in range(self.scan.n_frames):
+                x, y = self.scan.positions_m[i]
+                attrs = {"PosX": float(x), "PosY": float(y),
+                         "PixelSize": float(self.scan.object_pixel_size_m),
+                         "ScanId": self.scan.scan_id}
+                yield uid, self.scan.frames[i], attrs
+                uid += 1
+            n_pass += 1
+
+    def run(self) -> int:
+        """Publish every frame, paced by ``rate``; returns the number published."""
+        period = 1.0 / self.rate if self.rate > 0 else 0.0
+        t_next = time.perf_counter()
+        n = 0
+        for uid, frame, attrs in self.frames():
+            if self._stop.is_set():
+                break
+            if period:
+                delay = t_next - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                t_next += period
+            now = time.time()
+            self.publisher.publish(frame, uid, attrs, timestamp=now)
+            self.sent_times[uid] = now
+            self.sent_unique_ids.append(uid)
+            n += 1
+        log.info("simulated detector published %d frames on %s", n, self.publisher.pv_name)
+        return n
+
+    def start(self) -> SimDetector:
+        """Run in a background thread."""
+        self._stop.clear()
+        self._thread = threading.Thread(target=self.run, name="sim-detector", daemon=True)
+        self._thread.start()
+        return self
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.wait(5.0)
+
+    def close(self) -> None:
+        self.stop()
+        self.publisher.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: stream a simulated or recorded scan as NTNDArray frames."""
+    use_loopback()
+    from ptychostream import setup_logging
+
+    p = argparse.ArgumentParser(prog="ptychostream-sim-detector", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pv", default="13SIM1:Pva1:Image", help="NTNDArray PV to publish")
+    p.add_argument("--scan-file", help="stream this HDF5 scan file instead of a simulation")
+    p.add_argument("--n-positions", type=int, default=963, help="simulation: scan positions")
+    p.add_argument("--step", type=float, default=50e-9, help="simulation: step size (m)")
+    p.add_argument("--seed", type=int, default=0, help="simulation: random seed")
+    p.add_argument("--sample", default="train", help="simulation: sample kind")
+    p.add_argument("--rate", type=float, default=100.0, help="frames/s (<= 0: as fast as possible)")
+    p.add_argument("--repeat", type=int, default=1, help="passes over the scan (0: forever)")
+    p.add_argument("--start-delay", type=float, default=1.0,
+                   help="seconds to wait before the first frame, so monitors can connect")
+    p.add_argument("--log-level", default="INFO")
+    args = p.parse_args(argv)
+    setup_logging(args.log_level)
+
+    if args.scan_file:
+        from ptychostream.scanfile import read_scan
+
+        scan = read_scan(args.scan_file)
+    else:
+        from ptychostream.simulation import simulate_scan
+
+        scan = simulate_scan(n_positions=args.n_positions, step_m=args.step, seed=args.seed,
+                             sample_kind=args.sample)
+    det = SimDetector(args.pv, scan, rate=args.rate, repeat=args.repeat)
+    try:
+        time.sleep(max(0.0, args.start_delay))
+        det.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        det.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
