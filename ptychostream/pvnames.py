@@ -93,3 +93,25 @@ def pvname(prefix: str, suffix: str) -> str:
 
 def all_pvnames(prefix: str = DEFAULT_PREFIX) -> list[str]:
     return [prefix + s for s in PVS]
+
+
+_TYPE_NAMES = {"int": "int", "float": "double", "str": "string", "enum": "enum",
+               "ntndarray": "NTNDArray", "nttable": "NTTable", "bytes": "ubyte[] + name"}
+
+
+def markdown_table(prefix: str = "$(P)") -> str:
+    """The PV table as Markdown (README.md carries this; ``python -m ptychostream.pvnames``)."""
+    lines = ["| PV | type | access | CA | meaning |", "|---|---|---|---|---|"]
+    for s in PVS.values():
+        units = f" ({s.units})" if s.units else ""
+        choices = f" [{' / '.join(s.choices)}]" if s.choices else ""
+        lines.append(
+            f"| `{prefix}{s.suffix}` | {_TYPE_NAMES[s.kind]}{choices} | "
+            f"{'read/write' if s.writable else 'read'} | {'yes' if s.ca else 'no'} | "
+            f"{s.doc}{units} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
