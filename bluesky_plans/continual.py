@@ -1,0 +1,217 @@
+"""The continual-learning plan: scan, then let the HPC side learn from the scan (REFERENCE.md,
+workflow steps 2, 3, 4 and 7).
+
+After each scan the plan submits reconstruction, labels, training and validation to an executor
+(local process pool or Globus Compute: any ``concurrent.futures.Executor``) and waits for each
+without blocking the RunEngine; a new model that validates better than the serving one goes to
+the IOC by a PV write; ``$(P)QA:SSIM`` and ``$(P)QA:Decision`` follow; the policy decides
+whether the next scan trains, is only checked, or costs no HPC time at all.
+
+    learner = ContinualLearner(get_executor(), "work/")
+    RE(continual_learning_plan(det, stage, learner, [dict(n_points=400, overlap=0.9)] * 5, ioc=ioc))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bluesky import plan_stubs as bps
+from bluesky.utils import FailedStatus
+
+from ptychostream.bluesky_plans.plans import spiral_ptycho_scan
+from ptychostream.hpc import (
+    ContinualPolicy,
+    corpus_append,
+    make_labels,
+    reconstruct,
+    train,
+    validate,
+)
+from ptychostream.hpc.policy import CHECK, SUSPEND, TRAIN
+
+log = logging.getLogger(__name__)
+
+DECISION_LENGTH = 255  # QA:Decision is a 256-character CA string
+
+
+@dataclass
+class ContinualLearner:
+    """What the loop remembers between scans: where files go, which model serves, the policy.
+
+    ``serving_model``: the state dict now serving (warm start and first validation); None
+    before the first model. Options are passed to the HPC functions unchanged.
+    """
+
+    executor: Executor
+    work_dir: str | Path
+    policy: ContinualPolicy = field(default_factory=ContinualPolicy)
+    recon_options: dict = field(default_factory=dict)
+    train_options: dict = field(default_factory=dict)
+    validate_options: dict = field(default_factory=dict)
+    serving_model: str | None = None
+    history: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.work_dir = Path(self.work_dir)
+
+    @property
+    def corpus_dir(self) -> Path:
+        return Path(self.work_dir) / "corpus"
+
+
+# --------------------------------------------------------------------------- plan stubs
+def remote(executor: Executor, fn: Callable, *args, **kwargs):
+    """Run ``fn(*args, **kwargs)`` on the executor; the RunEngine stays responsive meanwhile.
+
+    Returns the function's result (re-raises its exception); None in a dry run
+    (summarize_plan, check_limits), where nothing is submitted."""
+    name = getattr(fn, "__name__", str(fn))
+
+    async def submit_and_wait():
+        log.info("%s submitted", name)
+        t0 = time.perf_counter()
+        result = await asyncio.wrap_future(executor.submit(fn, *args, **kwargs))
+        log.info("%s done in %.1f s", name, time.perf_counter() - t0)
+        return result
+
+    tasks = yield from bps.wait_for([submit_and_wait])
+    return tasks[0].result() if tasks else None
+
+
+def call(fn: Callable, *args, **kwargs):
+    """Call a quick local function when the RunEngine reaches this step (not when the plan is
+    merely inspected): keeps dry runs free of side effects such as policy decisions."""
+
+    async def run():
+        return fn(*args, **kwargs)
+
+    tasks = yield from bps.wait_for([run])
+    return tasks[0].result() if tasks else None
+
+
+def report_decision(ioc, decision):
+    """Write the policy's decision and reason to ``$(P)QA:Decision``."""
+    if ioc is None:
+        return
+    text = "dry run" if decision is None else f"{decision.action}: {decision.reason}"
+    yield from bps.mv(ioc.qa.decision, text[:DECISION_LENGTH])
+
+
+def report_ssim(ioc, ssim: float | None):
+    """Write the serving model's SSIM to ``$(P)QA:SSIM`` (nothing when not measured)."""
+    if ioc is not None and ssim is not None:
+        yield from bps.mv(ioc.qa.ssim, float(ssim))
+
+
+def deploy(ioc, learner: ContinualLearner, trained: dict | None, name: str):
+    """Send a trained model (ONNX) to the IOC by a PV write; it then serves and warm-starts the
+    next training. Returns False (and the old model keeps serving) if the IOC refuses it."""
+    onnx = trained["onnx"] if trained else "model.onnx"
+    if ioc is not None:
+        try:
+            yield from bps.mv(ioc.nn.model, (onnx, name))
+        except FailedStatus as exc:
+            log.error("the IOC refused model %s (%s): %s", name, onnx, exc.__cause__ or exc)
+            return False
+    if trained:
+        yield from call(setattr, learner, "serving_model", trained["state_dict"])
+    return True
+
+
+# --------------------------------------------------------------------------- one scan
+def learn_from_scan(learner: ContinualLearner, scan_path: str | Path, ioc=None,
+                    scan_id: str | None = None):
+    """One round of the loop on a finished scan, as the policy directs. Returns its record.
+
+    suspend: nothing runs. check: reconstruct, validate the serving model, ask the policy
+    again. train: reconstruct, validate the serving model (if any), label, append to the
+    corpus, train (warm start), validate the new model, deploy it if it beats the serving one.
+    """
+    ex, policy = learner.executor, learner.policy
+    scan_path = str(scan_path)
+    stem = Path(scan_path).stem
+    scan_id = scan_id or stem
+    work = Path(learner.work_dir)
+    record: dict = {"scan_id": scan_id, "scan_path": scan_path, "decisions": [],
+                    "serving_ssim": None, "new_ssim": None, "deployed": None}
+
+    decision = yield from call(policy.decide, scan_id, None)
+    record["decisions"].append(decision and decision.to_dict())
+    yield from report_decision(ioc, decision)
+    if decision is not None and decision.action == SUSPEND:
+        yield from call(learner.history.append, record)
+        return record
+
+    yield from call(work.mkdir, parents=True, exist_ok=True)
+    recon = yield from remote(ex, reconstruct, scan_path, str(work / f"{stem}.recon.h5"),
+                              **learner.recon_options)
+    record["recon"] = recon
+    serving_ssim = None
+    if learner.serving_model:
+        check = yield from remote(ex, validate, learner.serving_model, scan_path, recon,
+                                  **learner.validate_options)
+        serving_ssim = check["ssim"] if check else None
+        record["serving_ssim"] = serving_ssim
+        yield from report_ssim(ioc, serving_ssim)
+        if decision is None or decision.action == CHECK or policy.state == "active":
+            decision = yield from call(policy.decide, scan_id, serving_ssim)
+            record["decisions"].append(decision and decision.to_dict())
+            yield from report_decision(ioc, decision)
+    if decision is not None and decision.action != TRAIN:
+        yield from call(learner.history.append, record)
+        return record
+
+    labels = yield from remote(ex, make_labels, scan_path, recon, str(work / f"{stem}.labels.h5"))
+    record["corpus"] = yield from remote(ex, corpus_append, str(learner.corpus_dir), labels)
+    trained = yield from remote(ex, train, str(learner.corpus_dir), str(work / f"model-{stem}"),
+                                warm_start=learner.serving_model, **learner.train_options)
+    record["train"] = trained and {k: v for k, v in trained.items() if k != "history"}
+    new = yield from remote(ex, validate, trained["state_dict"] if trained else "", scan_path,
+                            recon, **learner.validate_options)
+    new_ssim = new["ssim"] if new else None
+    record["new_ssim"] = new_ssim
+    if new_ssim is None or serving_ssim is None or new_ssim > serving_ssim:
+        if (yield from deploy(ioc, learner, trained, name=f"ptychonn-{stem}")):
+            record["deployed"] = trained["onnx"] if trained else None
+            yield from report_ssim(ioc, new_ssim)
+    else:
+        log.info("new model (SSIM %.3f) is no better than the serving one (%.3f): kept serving",
+                 new_ssim, serving_ssim)
+    yield from call(learner.history.append, record)
+    return record
+
+
+# --------------------------------------------------------------------------- the loop
+def continual_learning_plan(detector, stage, learner: ContinualLearner, scans: Sequence[dict],
+                            ioc=None):
+    """Scan after scan, each followed by :func:`learn_from_scan`. Returns the records.
+
+    ``scans``: keyword arguments of :func:`~ptychostream.bluesky_plans.plans.spiral_ptycho_scan`
+    for each scan (n_points, step or overlap, exposure, center, scan_name, ...). With the
+    simulated detector a scan may also name ``sample=(kind, seed)``, the features it sees.
+    """
+    records = []
+    for i, spec in enumerate(scans):
+        spec = dict(spec)
+        sample = spec.pop("sample", None)
+        if sample is not None:
+            kind, seed = sample
+            yield from bps.mv(detector.sample_kind, kind, detector.sample_seed, int(seed))
+        scan_name = spec.pop("scan_name", None) or f"cl-{i:03d}"
+        file_path = spec.pop("file_path", None)
+        if file_path is None:
+            if not hasattr(detector, "write_dir"):
+                raise ValueError(f"scan {i}: give file_path= (where {detector.name} writes the "
+                                 "scan file the HPC side reads)")
+            file_path = Path(detector.write_dir) / f"{scan_name}.h5"
+        yield from spiral_ptycho_scan(detector, stage, ioc=ioc, scan_name=scan_name,
+                                      file_path=file_path, **spec)
+        record = yield from learn_from_scan(learner, file_path, ioc, scan_id=scan_name)
+        records.append(record)
+    return records

@@ -1,0 +1,235 @@
+"""Bluesky plans and ophyd devices: summarize_plan, check_limits, a real RunEngine, real p4p."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from bluesky import RunEngine
+from bluesky.callbacks.best_effort import BestEffortCallback
+from bluesky.simulators import check_limits, summarize_plan
+from ophyd.utils import LimitError
+
+from ptychostream.bluesky_plans.devices import (
+    EdgeIOC,
+    EpicsSpiralStage,
+    SimPtychoDetector,
+    SimSpiralStage,
+)
+from ptychostream.bluesky_plans.plans import resolve_step, spiral_path, spiral_ptycho_scan
+from ptychostream.pvnames import PVS
+from ptychostream.scanfile import read_scan
+from ptychostream.simulation import overlap_ratio
+
+
+@pytest.fixture
+def RE():
+    """A real RunEngine with the best-effort callback, headless."""
+    engine = RunEngine({})
+    bec = BestEffortCallback()
+    bec.disable_plots()
+    engine.subscribe(bec)
+    return engine
+
+
+@pytest.fixture
+def devices(epics_env, tmp_path):
+    stage = SimSpiralStage(name="stage", limits=(-3e-6, 3e-6))
+    det = SimPtychoDetector(name="det", stage=stage, pv_name=epics_env["prefix"] + "det:Image",
+                            write_dir=tmp_path, field_of_view_m=1.5e-6)
+    yield stage, det
+    det.close()
+
+
+def test_resolve_step_and_bad_requests():
+    assert resolve_step(step=100e-9) == pytest.approx(100e-9)
+    assert overlap_ratio(resolve_step(overlap=0.6), 800e-9) == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="not both"):
+        resolve_step(step=50e-9, overlap=0.9)
+    with pytest.raises(ValueError, match="overlap"):
+        resolve_step(overlap=1.0)
+    with pytest.raises(ValueError, match="step"):
+        resolve_step(step=-1e-9)
+    with pytest.raises(ValueError, match="n_points"):
+        spiral_path(0, 50e-9)
+    stage = SimSpiralStage(name="stage")
+    with pytest.raises(ValueError, match="field_of_view_m"):
+        SimPtychoDetector(stage=stage, pv_name="X:det", field_of_view_m=0.0)
+    with pytest.raises(TypeError, match="position_m"):
+        SimPtychoDetector(stage=object(), pv_name="X:det")
+
+
+def test_summarize_plan_shows_every_move_and_read(RE, devices, capsys):
+    stage, det = devices
+    summarize_plan(spiral_ptycho_scan(det, stage, n_points=7, overlap=0.5, exposure=0.01,
+                                      scan_name="s1"))
+    out = capsys.readouterr().out
+    assert out.count("Read ['stage', 'det']") == 7
+    assert out.count("stage_x -> ") == 7 and out.count("stage_y -> ") == 7
+    assert "det_acquire_time -> 0.01" in out and "s1.h5" in out
+
+
+def test_summarize_plan_with_ioc_resets_the_map_first(RE, devices, epics_env, capsys):
+    stage, det = devices
+    ioc = EdgeIOC(epics_env["prefix"], name="ioc")
+    summarize_plan(spiral_ptycho_scan(det, stage, n_points=5, step=100e-9, ioc=ioc))
+    out = capsys.readouterr().out
+    assert out.index("ioc_stitch_positions -> <5 planned positions>") < out.index("Open Run")
+    assert out.index("ioc_stitch_reset -> 1") < out.index("Open Run")
+    assert out.count("Read ['ioc']") == 2  # baseline at start and end
+
+
+def test_check_limits(RE, devices):
+    stage, det = devices
+    check_limits(spiral_ptycho_scan(det, stage, n_points=50, step=100e-9, exposure=0.01))
+    # a 400-point spiral at 300 nm reaches ~3.5 um from the centre: beyond the +-3 um stage
+    with pytest.raises(LimitError, match="outside the limits"):
+        check_limits(spiral_ptycho_scan(det, stage, n_points=400, step=300e-9))
+    with pytest.raises(LimitError):
+        check_limits(spiral_ptycho_scan(det, stage, n_points=5, step=100e-9, center=(2.95e-6, 0.0)))
+    with pytest.raises(ValueError, match="exposure"):
+        check_limits(spiral_ptycho_scan(det, stage, n_points=5, exposure=0.0))
+
+
+def test_ioc_device_names_come_from_the_pv_table(epics_env):
+    prefix = epics_env["prefix"]
+    ioc = EdgeIOC(prefix, name="ioc")
+    assert ioc.nn.model_version.pvname == prefix + "NN:ModelVersion_RBV"
+    assert ioc.nn.array_counter.setpoint_pvname == prefix + "NN:ArrayCounter"
+    assert ioc.qa.ssim.pvname == prefix + "QA:SSIM"
+    served = {prefix + s for s, spec in PVS.items() if spec.ca}
+    used = set()
+    for walk in ioc.walk_signals():
+        sig = walk.item
+        for attr in ("pvname", "setpoint_pvname"):
+            if getattr(sig, attr, None):
+                used.add(getattr(sig, attr))
+    assert used == served  # every CA scalar of the table, and nothing else
+
+
+def test_real_motors_swap_in_by_pv_name():
+    stage = EpicsSpiralStage("XF:m1", "XF:m2", name="stage")
+    assert stage.x.user_readback.pvname == "XF:m1.RBV"
+    assert stage.y.user_setpoint.pvname == "XF:m2.VAL"
+    assert stage.x.name == "stage_x"
+
+
+def test_spiral_scan_under_runengine_publishes_frames_and_writes_the_file(RE, devices, epics_env):
+    from p4p.client.thread import Context
+
+    stage, det = devices
+    n = 12
+    docs: dict[str, list] = {}
+    RE.subscribe(lambda name, doc: docs.setdefault(name, []).append(doc))
+    received: list = []
+    got_all = threading.Event()
+
+    def on_frame(value):
+        if isinstance(value, Exception) or not value.raw["uniqueId"]:
+            return  # disconnect, or the empty array the PV opens with
+        received.append((int(value.raw["uniqueId"]), dict(value.attrib)))
+        if len(received) >= n:
+            got_all.set()
+
+    with Context("pva") as ctx:
+        det.open()  # serve the PV before the scan, so the monitor connects first
+        sub = ctx.monitor(det.pv_name.get(), on_frame, notify_disconnect=True)
+        try:
+            (uid,) = RE(spiral_ptycho_scan(det, stage, n_points=n, overlap=0.6, exposure=0.05,
+                                           scan_name="t1"))
+            assert got_all.wait(10), f"monitor saw {len(received)} of {n} frames"
+        finally:
+            sub.close()
+
+    start = docs["start"][0]
+    assert start["uid"] == uid and start["plan_name"] == "spiral_ptycho_scan"
+    assert start["overlap"] == pytest.approx(0.6) and start["num_points"] == n
+    events = docs["event"]
+    assert len(events) == n and docs["stop"][0]["exit_status"] == "success"
+    xy = np.array([[e["data"]["stage_x"], e["data"]["stage_y"]] for e in events])
+    np.testing.assert_allclose(xy, spiral_path(n, resolve_step(overlap=0.6)), atol=1e-12)
+    np.testing.assert_allclose(xy, [[e["data"]["det_pos_x"], e["data"]["det_pos_y"]]
+                                    for e in events])
+    uids = [e["data"]["det_unique_id"] for e in events]
+    assert uids == sorted(uids) and len(set(uids)) == n
+
+    # the frames went out over pvAccess with their positions
+    by_uid = dict(received)
+    for e in events:
+        attrs = by_uid[e["data"]["det_unique_id"]]
+        assert attrs["PosX"] == pytest.approx(e["data"]["stage_x"])
+        assert attrs["PosY"] == pytest.approx(e["data"]["stage_y"])
+
+    # ... and into the scan file, which reconstruction reads
+    scan = read_scan(start["scan_file"])
+    assert scan.n_frames == n and scan.scan_id == "t1"
+    np.testing.assert_allclose(scan.positions_m, xy)
+    assert scan.exposure_s == pytest.approx(0.05)
+    assert list(scan.unique_ids) == uids
+    assert scan.truth_crops.shape == (n, 128, 128)
+    counts = [e["data"]["det_total_counts"] for e in events]
+    np.testing.assert_allclose(scan.frames.reshape(n, -1).sum(1), counts)
+    # dose follows the exposure: ~flux * exposure photons per frame
+    assert np.mean(counts) == pytest.approx(det.flux.get() * 0.05, rel=0.2)
+
+
+# --------------------------------------------------------------------------- with the edge IOC
+@pytest.fixture
+def model_file(tmp_path_factory):
+    """An (untrained) PtychoNN 2.0 as ONNX: the IOC serves it, the plan does not care."""
+    import torch
+
+    from ptychostream.model import PtychoNN2, export_onnx
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "untrained.onnx"
+    export_onnx(PtychoNN2(), path)
+    return path
+
+
+@pytest.fixture
+def edge_ioc(epics_env, devices, model_file):
+    """The real edge IOC in-process, monitoring the simulated detector, with its CA mirror."""
+    from ptychostream.ioc.server import EdgeIOC as EdgeIOCServer
+
+    stage, det = devices
+    det.open()
+    server = EdgeIOCServer(prefix=epics_env["prefix"], input_pv=det.pv_name.get(),
+                           model_file=model_file, ca_mirror=True, batch_size=4)
+    server.start()
+    assert server.wait_model(60) == 1
+    ioc = EdgeIOC(epics_env["prefix"], name="ioc")
+    ioc.wait_for_connection(timeout=10)
+    yield ioc
+    server.stop()
+
+
+def test_spiral_scan_stitches_a_map_in_the_ioc(RE, devices, edge_ioc, epics_env):
+    from ptychostream.ioc.client import get_stitched, stitched_geometry
+
+    stage, det = devices
+    ioc = edge_ioc
+    docs: dict[str, list] = {}
+    RE.subscribe(lambda name, doc: docs.setdefault(name, []).append(doc))
+    n = 24
+    RE(spiral_ptycho_scan(det, stage, n_points=n, step=60e-9, exposure=0.05, ioc=ioc,
+                          scan_name="with-ioc"))
+    streams = {d["uid"]: d["name"] for d in docs["descriptor"]}
+    primary = [e for e in docs["event"] if streams[e["descriptor"]] == "primary"]
+    assert len(primary) == n
+    # the IOC's state is in the baseline stream, read over Channel Access
+    baseline = [e for e in docs["event"] if streams[e["descriptor"]] == "baseline"]
+    assert len(baseline) == 2
+    assert baseline[0]["data"]["ioc_nn_model_version"] == 1
+    assert baseline[1]["data"]["ioc_stitch_num_frames"] == n
+
+    image = get_stitched(epics_env["prefix"])
+    (x0, y0), pixel = stitched_geometry(image)
+    assert image.attrib["NumFrames"] == n
+    assert pixel == pytest.approx(det.pixel_m)
+    # the map covers the whole scan: every beam position lands on a stitched pixel
+    scan = read_scan(docs["start"][0]["scan_file"], frames=False)
+    cols = np.round((scan.positions_m[:, 0] - x0) / pixel).astype(int)
+    rows = np.round((scan.positions_m[:, 1] - y0) / pixel).astype(int)
+    assert np.isfinite(np.asarray(image)[rows, cols]).all()
