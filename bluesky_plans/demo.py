@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ptychostream.epics_env import use_loopback
+from ptychostream.geometry import place_on_grid
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,8 @@ class DemoConfig:
     ``sparse_points`` None: as many as cover the test scan's area at the sparse step.
     ``field_of_view_m`` None: the features fill the area the scans illuminate."""
 
-    train_scans: int = 3
-    train_points: int = 120
+    train_scans: int = 4
+    train_points: int = 200
     train_step_m: float = 70e-9  # overlap 0.85 with the 800 nm beam
     test_points: int = 120
     test_step_m: float = 70e-9
@@ -47,9 +48,9 @@ class DemoConfig:
     test_text: str = ""  # letters of the test sample ('' : the core default)
     exposure_s: float = 0.4
     field_of_view_m: float | None = None
-    iterations: int = 12
-    epochs: int = 3
-    max_pairs: int | None = 200
+    iterations: int = 30
+    epochs: int = 5
+    max_pairs: int | None = 400
     batch_size: int = 16
     ioc_batch_size: int = 8
     tolerance: float = 0.1
@@ -83,20 +84,6 @@ class DemoConfig:
 
 
 # --------------------------------------------------------------------------- analysis helpers
-def place(image: np.ndarray, origin_m, pixel_m: float, shape, target_origin_m) -> np.ndarray:
-    """``image`` (pixel [0, 0] at ``origin_m``) on another grid of the same pixel size: maps of
-    this project share one lattice, so this is a whole-pixel copy; NaN where it has no data."""
-    out = np.full(shape, np.nan, np.float32)
-    dr = int(round((origin_m[1] - target_origin_m[1]) / pixel_m))
-    dc = int(round((origin_m[0] - target_origin_m[0]) / pixel_m))
-    img = np.asarray(image, np.float32)
-    r0, c0 = max(0, dr), max(0, dc)
-    r1, c1 = min(shape[0], dr + img.shape[0]), min(shape[1], dc + img.shape[1])
-    if r1 > r0 and c1 > c0:
-        out[r0:r1, c0:c1] = img[r0 - dr:r1 - dr, c0 - dc:c1 - dc]
-    return out
-
-
 def compare_maps(live: np.ndarray, live_origin, scan_path: str, recon_path: str) -> dict:
     """SSIM of the live stitched map, the iterative phase and the truth, on the reconstruction's
     well-illuminated region. Returns the SSIMs and the three maps cropped to that region."""
@@ -107,8 +94,8 @@ def compare_maps(live: np.ndarray, live_origin, scan_path: str, recon_path: str)
     rec = read_reconstruction(recon_path)
     scan = read_scan(scan_path, frames=False)
     shape, px = rec.phase.shape, rec.pixel_size_m
-    live_g = place(live, live_origin, px, shape, rec.origin_m)
-    truth_g = place(scan.truth_phase, scan.truth_origin_m, px, shape, rec.origin_m)
+    live_g = place_on_grid(live, live_origin, px, shape, rec.origin_m)
+    truth_g = place_on_grid(scan.truth_phase, scan.truth_origin_m, px, shape, rec.origin_m)
     mask = rec.mask & np.isfinite(live_g) & np.isfinite(truth_g)
     out = {
         "ssim_live_truth": phase_ssim(live_g, truth_g, mask=mask),

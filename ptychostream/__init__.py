@@ -14,3 +14,7 @@ def setup_logging(level: int | str = logging.INFO) -> None:
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        # caproto logs every channel's connect/disconnect at INFO: noise for an operator
+        for name in ("caproto", "caproto.ch", "caproto.ctx", "caproto.bcast"):
+            logging.getLogger(name).setLevel(logging.WARNING)

@@ -51,6 +51,29 @@ def frame_corner_px(
     return (y - origin_m[1]) / pixel_m - half, (x - origin_m[0]) / pixel_m - half
 
 
+def place_on_grid(
+    image: np.ndarray, origin_m, pixel_m: float, shape: tuple[int, int], target_origin_m
+) -> np.ndarray:
+    """``image`` (pixel [0, 0] at ``origin_m``) on another grid of the same pixel size.
+
+    Maps share one lattice (see :func:`map_geometry`), so this is a whole-pixel copy of the
+    overlap, NaN elsewhere; an off-lattice origin is interpolated (bilinear)."""
+    img = np.asarray(image, np.float32)
+    out = np.full(shape, np.nan, np.float32)
+    dr = (origin_m[1] - target_origin_m[1]) / pixel_m
+    dc = (origin_m[0] - target_origin_m[0]) / pixel_m
+    if abs(dr - round(dr)) > 1e-3 or abs(dc - round(dc)) > 1e-3:
+        rr, cc = np.indices(shape, dtype=np.float64)
+        return ndimage.map_coordinates(img, [rr - dr, cc - dc], order=1, cval=np.nan,
+                                       mode="constant", prefilter=False).astype(np.float32)
+    dr, dc = int(round(dr)), int(round(dc))
+    r0, c0 = max(0, dr), max(0, dc)
+    r1, c1 = min(shape[0], dr + img.shape[0]), min(shape[1], dc + img.shape[1])
+    if r1 > r0 and c1 > c0:
+        out[r0:r1, c0:c1] = img[r0 - dr : r1 - dr, c0 - dc : c1 - dc]
+    return out
+
+
 def crop_at(
     image: np.ndarray, positions_m: np.ndarray, origin_m, pixel_m: float, frame_size: int,
     order: int = 1,

@@ -12,7 +12,7 @@ import threading
 import numpy as np
 from scipy import ndimage
 
-from ptychostream.geometry import frame_corner_px, map_geometry, snap
+from ptychostream.geometry import frame_corner_px, map_geometry, place_on_grid, snap
 
 
 class Stitcher:
@@ -98,24 +98,10 @@ class Stitcher:
             return out
 
     def resample_to(self, shape: tuple[int, int], origin_m) -> np.ndarray:
-        """The stitched map on another grid of the same pixel size (e.g. a reconstruction's);
-        on the shared lattice this is an exact copy of the overlap, NaN elsewhere."""
-        img = self.image()
-        out = np.full(shape, np.nan, np.float32)
+        """The stitched map on another grid of the same pixel size (e.g. a reconstruction's)."""
         if self.origin is None:
-            return out
-        dr = (self.origin[1] - origin_m[1]) / self.pixel_m
-        dc = (self.origin[0] - origin_m[0]) / self.pixel_m
-        if abs(dr - round(dr)) > 1e-3 or abs(dc - round(dc)) > 1e-3:  # off-lattice: interpolate
-            rr, cc = np.indices(shape, dtype=np.float64)
-            return ndimage.map_coordinates(img, [rr - dr, cc - dc], order=1, cval=np.nan,
-                                           mode="constant", prefilter=False).astype(np.float32)
-        dr, dc = int(round(dr)), int(round(dc))
-        r0, c0 = max(0, dr), max(0, dc)
-        r1, c1 = min(shape[0], dr + img.shape[0]), min(shape[1], dc + img.shape[1])
-        if r1 > r0 and c1 > c0:
-            out[r0:r1, c0:c1] = img[r0 - dr : r1 - dr, c0 - dc : c1 - dc]
-        return out
+            return np.full(shape, np.nan, np.float32)
+        return place_on_grid(self.image(), self.origin, self.pixel_m, shape, origin_m)
 
 
 def stitch(phases: np.ndarray, positions_m: np.ndarray, pixel_m: float, crop: int | None = None) -> tuple[np.ndarray, tuple[float, float]]:

@@ -55,6 +55,19 @@ def epics_env(monkeypatch):
     return env
 
 
+@pytest.fixture
+def RE():
+    """A real Bluesky RunEngine with the best-effort callback, headless."""
+    from bluesky import RunEngine
+    from bluesky.callbacks.best_effort import BestEffortCallback
+
+    engine = RunEngine({})
+    bec = BestEffortCallback()
+    bec.disable_plots()
+    engine.subscribe(bec)
+    return engine
+
+
 @pytest.fixture(scope="session")
 def small_scan():
     """A small simulated scan shared by the core tests."""

@@ -7,8 +7,6 @@ import concurrent.futures
 from pathlib import Path
 
 import pytest
-from bluesky import RunEngine
-from bluesky.callbacks.best_effort import BestEffortCallback
 from bluesky.simulators import check_limits, summarize_plan
 
 from ptychostream.bluesky_plans.continual import ContinualLearner, continual_learning_plan
@@ -28,15 +26,6 @@ class CountingExecutor(concurrent.futures.ThreadPoolExecutor):
     def submit(self, fn, *args, **kwargs):
         self.submitted.append(fn.__name__)
         return super().submit(fn, *args, **kwargs)
-
-
-@pytest.fixture
-def RE():
-    engine = RunEngine({})
-    bec = BestEffortCallback()
-    bec.disable_plots()
-    engine.subscribe(bec)
-    return engine
 
 
 @pytest.fixture

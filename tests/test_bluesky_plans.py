@@ -6,8 +6,6 @@ import threading
 
 import numpy as np
 import pytest
-from bluesky import RunEngine
-from bluesky.callbacks.best_effort import BestEffortCallback
 from bluesky.simulators import check_limits, summarize_plan
 from ophyd.utils import LimitError
 
@@ -21,16 +19,6 @@ from ptychostream.bluesky_plans.plans import resolve_step, spiral_path, spiral_p
 from ptychostream.pvnames import PVS
 from ptychostream.scanfile import read_scan
 from ptychostream.simulation import overlap_ratio
-
-
-@pytest.fixture
-def RE():
-    """A real RunEngine with the best-effort callback, headless."""
-    engine = RunEngine({})
-    bec = BestEffortCallback()
-    bec.disable_plots()
-    engine.subscribe(bec)
-    return engine
 
 
 @pytest.fixture
