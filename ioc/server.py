@@ -69,6 +69,9 @@ class EdgeIOC:
             "NN:Engine_RBV": engine, "NN:QueueSize": queue_size, "NN:QueueFree_RBV": queue_size,
             "Stitch:PixelSize": stitch_pixel_m,
         })
+        engine_kwargs = dict(engine_kwargs or {})
+        if engine == "onnxruntime":  # the engine shares the cores with the server's threads
+            engine_kwargs.setdefault("spinning", False)
         self.inference = InferencePlugin(engine, intensity_scale, engine_kwargs)
         self.stitching = StitchingPlugin(stitch_pixel_m)
         self.stitch = PluginDriver(self.stitching, queue_size=1024, batch_size=32, flush_s=0.0)

@@ -76,13 +76,18 @@ class InferenceEngine(ABC):
 class OnnxRuntimeEngine(InferenceEngine):
     name = "onnxruntime"
 
-    def __init__(self, onnx_bytes: bytes, providers: list[str] | None = None, threads: int = 0):
+    def __init__(self, onnx_bytes: bytes, providers: list[str] | None = None, threads: int = 0,
+                 spinning: bool | None = None):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = threads
+        if spinning is None:  # PTYCHOSTREAM_ORT_SPINNING=0: idle threads sleep instead of spinning
+            spinning = os.environ.get("PTYCHOSTREAM_ORT_SPINNING", "1") != "0"
+        if not spinning:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(
                 onnx_bytes, opts, providers=providers or ["CPUExecutionProvider"]
