@@ -23,10 +23,10 @@ $(STAMP): pyproject.toml setup.cfg
 		|| { echo "package install failed"; exit 1; }
 	@touch $(STAMP)
 
-demo: $(STAMP)  ## run the whole loop on simulated data (about 10 minutes on 2 cores)
+demo: $(STAMP)  ## run the whole loop on simulated data (about 4 minutes on 2 cores)
 	$(VENV)/bin/ptychostream demo
 
-demo-quick: $(STAMP)  ## the same story, small (about 2 minutes)
+demo-quick: $(STAMP)  ## the same story, small (under a minute)
 	$(VENV)/bin/ptychostream demo --quick
 
 test: $(STAMP)  ## run the test suite

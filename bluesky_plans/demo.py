@@ -11,7 +11,7 @@ edge IOC (in-process, with its Channel Access mirror) and the local HPC executor
 3. iterative reconstructions of both, SSIM of the live map against truth and iterative;
 4. a table (printed and ``demo.json``) and figures (``stitched_*.png``, ``ssim_rounds.png``).
 
-    ptychostream demo --quick        # about 2 minutes on 2 cores
+    ptychostream demo --quick        # under a minute on 2 cores
     ptychostream demo --out demo-output --prefix DEMO:
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -270,6 +271,10 @@ def run_demo(out_dir: str | Path = "demo-output", quick: bool = False, prefix: s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
+    for old in (work, out / "scans"):  # each demo tells the story from the start
+        if old.exists():
+            log.info("removing %s from an earlier demo", old)
+            shutil.rmtree(old)
     log.info("demo (%s) in %s, PV prefix %s", "quick" if quick else "full", out, prefix)
 
     stage = SimSpiralStage(name="stage", limits=(-cfg.field_of_view_m, cfg.field_of_view_m))

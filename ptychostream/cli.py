@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="run the whole loop on simulated data (detector, IOC, HPC)")
-    d.add_argument("--quick", action="store_true", help="the same story, small (about 2 min)")
+    d.add_argument("--quick", action="store_true", help="the same story, small (under a minute on 2 cores)")
     d.add_argument("--out", default="demo-output", help="folder for figures, table and data")
     d.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"IOC PV prefix (default {DEFAULT_PREFIX})")
     d.add_argument("--table", action="store_true",
