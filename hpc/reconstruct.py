@@ -318,16 +318,10 @@ def reconstruct(
 
 def read_reconstruction(path: str | Path) -> Reconstruction:
     """Read a file written by :func:`reconstruct`; raises ReconstructionError if it is not one."""
-    import h5py
+    from ptychostream.scanfile import open_hdf5
 
     path = Path(path)
-    if not path.exists():
-        raise ReconstructionError(f"reconstruction file {path} does not exist")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise ReconstructionError(f"{path} is not a readable HDF5 file: {exc}") from exc
-    with f:
+    with open_hdf5(path, "reconstruction file", ReconstructionError) as f:
         missing = [k for k in ("object", "phase", "probe", "illumination", "positions_m") if k not in f]
         missing += [k for k in ("recon_id", "pixel_size_m", "origin_m") if k not in f.attrs]
         if missing:

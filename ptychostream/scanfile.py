@@ -150,18 +150,22 @@ def write_scan(path: str | Path, scan: ScanData, compression: str | None = "gzip
     return path
 
 
+def open_hdf5(path: str | Path, what: str, error: type[Exception] = ScanFileError) -> h5py.File:
+    """Open an HDF5 file read-only, or raise ``error`` saying it is absent or not HDF5."""
+    path = Path(path)
+    if not path.exists():
+        raise error(f"{what} {path} does not exist")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise error(f"{path} is not a readable HDF5 file: {exc}") from exc
+
+
 def read_scan(path: str | Path, frames: bool = True) -> ScanData:
     """Read a scan file; raises ScanFileError naming every missing field.
 
     ``frames=False`` skips the frame data (positions and metadata only)."""
-    path = Path(path)
-    if not path.exists():
-        raise ScanFileError(f"scan file {path} does not exist")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise ScanFileError(f"{path} is not a readable HDF5 file: {exc}") from exc
-    with f:
+    with open_hdf5(path, "scan file", ScanFileError) as f:
         missing = [f"{p} ({name}{', ' + u if u else ''})" for p, name, u in REQUIRED if p not in f]
         if missing:
             raise ScanFileError(f"{path} lacks: " + "; ".join(missing))
