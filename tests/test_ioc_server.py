@@ -124,6 +124,17 @@ def publish_scan(pub, scan, start_uid=1, period=0.0, attrs=True):
             time.sleep(period)
 
 
+def stream_through(ioc_factory, ioc, scan, period: float) -> PhaseCollector:
+    """Publish every frame of ``scan`` to the IOC's input and wait for all their phases."""
+    phases = PhaseCollector(ioc_factory.prefix)
+    pub = ioc_factory.publisher()
+    wait_for(ioc.input_connected.is_set, what="input monitor")
+    publish_scan(pub, scan, period=period)
+    wait_for(lambda: len(phases.frames) == scan.n_frames, what="all phases")
+    phases.close()
+    return phases
+
+
 def test_starts_without_model_then_frames_in_phase_out(ioc_factory, sim_scan):
     from ptychostream.ioc import client
 
@@ -135,12 +146,7 @@ def test_starts_without_model_then_frames_in_phase_out(ioc_factory, sim_scan):
     assert client.deploy_model(p, onnx_model(), "first") == 1
     assert client.get(p, "NN:ModelName_RBV") == "first"
 
-    phases = PhaseCollector(p)
-    pub = ioc_factory.publisher()
-    wait_for(ioc.input_connected.is_set, what="input monitor")
-    publish_scan(pub, sim_scan, period=0.005)
-    wait_for(lambda: len(phases.frames) == sim_scan.n_frames, what="all phases")
-    phases.close()
+    phases = stream_through(ioc_factory, ioc, sim_scan, period=0.005)
     assert sorted(phases.frames) == list(range(1, sim_scan.n_frames + 1))
     uid, ts, attrs, img = phases.frames[5]
     assert ts == pytest.approx(1.7e9 + 4)
@@ -233,12 +239,7 @@ def test_live_stitched_map_equals_offline_stitch(ioc_factory, sim_scan):
     client.deploy_model(p, onnx_model(0))
     client.put(p, "Stitch:UpdatePeriod", 0.2)
     client.put_positions(p, sim_scan.positions_m)
-    phases = PhaseCollector(p)
-    pub = ioc_factory.publisher()
-    wait_for(ioc.input_connected.is_set, what="input monitor")
-    publish_scan(pub, sim_scan, period=0.002)
-    wait_for(lambda: len(phases.frames) == sim_scan.n_frames, what="all phases")
-    phases.close()
+    phases = stream_through(ioc_factory, ioc, sim_scan, period=0.002)
     wait_for(lambda: client.get(p, "Stitch:NumFrames_RBV") == sim_scan.n_frames, what="stitch")
     live = wait_for(lambda: (lambda im: im if im.attrib.get("NumFrames") == sim_scan.n_frames
                              else None)(client.get_stitched(p)), what="final map")
