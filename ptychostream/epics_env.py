@@ -1,8 +1,9 @@
 """Keep EPICS traffic on loopback: no searches or beacons to the broadcast address.
 
-Call :func:`use_loopback` before importing p4p, pvapy or caproto (tests, demo, benchmarks).
-The values are those of shared/epics-loopback.env; already-set variables are kept, so a
-beamline can still point the IOC at its own network by setting them.
+Tests, the demo and the benchmarks call :func:`use_loopback` before importing p4p, pvapy or
+caproto; the IOC and the other services never do unless their user asks for it
+(``--loopback``, see :func:`configure`): on a beamline they follow the host's EPICS
+environment. The values are those of shared/epics-loopback.env; already-set variables are kept.
 """
 
 from __future__ import annotations
@@ -31,3 +32,10 @@ def use_loopback(force: bool = False) -> dict[str, str]:
         else:
             os.environ.setdefault(key, value)
     return {k: os.environ[k] for k in LOOPBACK}
+
+
+def configure(loopback: bool = False) -> None:
+    """Apply a command's ``--loopback`` choice (a try-out on one machine); without it nothing
+    is changed and the host's EPICS environment holds."""
+    if loopback:
+        use_loopback()
