@@ -22,7 +22,7 @@ import sys
 
 from bluesky import RunEngine
 from bluesky.callbacks.best_effort import BestEffortCallback
-from bluesky.utils import RunEngineInterrupted
+from bluesky.utils import RequestAbort, RunEngineInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,21 @@ def gui_backend() -> bool:
     return matplotlib.get_backend().lower() not in _NON_GUI
 
 
+class _QuietAbort(logging.Filter):
+    """bluesky logs a requested abort as an error with its traceback ("Run aborted"); an abort
+    a person asked for is not an error: drop that record (failed runs still log theirs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, RequestAbort)
+
+
+def _quiet_requested_aborts() -> None:
+    bluesky_log = logging.getLogger("bluesky")
+    if not any(isinstance(f, _QuietAbort) for f in bluesky_log.filters):
+        bluesky_log.addFilter(_QuietAbort())
+
+
 class ScanRunEngine(RunEngine):
     """bluesky's RunEngine; in a script, a Ctrl-C pause becomes a clean abort (see module)."""
 
@@ -64,10 +79,27 @@ class ScanRunEngine(RunEngine):
             raise SystemExit(130) from None
 
 
+def console_logging(level: int | str = logging.INFO) -> None:
+    """Show ptychostream's log lines (IOC reports, one line per learning round) on the console,
+    unless logging is already configured (a beamline profile's handlers win)."""
+    ours = logging.getLogger("ptychostream")
+    if ours.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                                           "%H:%M:%S"))
+    ours.addHandler(handler)
+    ours.setLevel(level)
+
+
 def make_run_engine(md: dict | None = None, *, table: bool = True, plots: bool | None = None,
-                    **kwargs) -> ScanRunEngine:
+                    log_level: int | str | None = logging.INFO, **kwargs) -> ScanRunEngine:
     """A :class:`ScanRunEngine` subscribed to a best-effort callback: ``table`` (one line per
-    point), ``plots`` (default: only with a GUI matplotlib backend). ``RE.bec`` is the callback."""
+    point), ``plots`` (default: only with a GUI matplotlib backend). ``RE.bec`` is the callback.
+    ``log_level``: ptychostream's log lines on the console (None: leave logging alone)."""
+    if log_level is not None:
+        console_logging(log_level)
+    _quiet_requested_aborts()
     engine = ScanRunEngine(md or {}, **kwargs)
     bec = BestEffortCallback()
     if not (gui_backend() if plots is None else plots):
