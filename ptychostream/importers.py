@@ -95,9 +95,7 @@ def to_scan(frames: np.ndarray, positions_m: np.ndarray, geo: Geometry, source: 
     where = zero_frequency_of(frames)
     if where == CORNER:
         log.info("%s: frames have their zero frequency in the corner: centring them", source)
-        frames = np.fft.fftshift(frames, axes=(-2, -1))
-        if probe is not None and zero_frequency_of(np.abs(probe) ** 2) == CORNER:
-            probe = np.fft.fftshift(probe, axes=(-2, -1))
+        frames = np.fft.fftshift(frames, axes=(-2, -1))  # the probe is real-space: kept
     elif where != CENTER:
         log.warning("%s: no bright central peak in the frames (beam stop?): taking them as "
                     "centred", source)

@@ -116,7 +116,7 @@ def check_geometry(energy_ev: float, distance_m: float, detector_pixel_m: float,
                    object_pixel_m: float | None = None) -> None:
     """Refuse (ScanUnitsError) an energy, distance or pixel size no ptychography set-up has."""
     checks = [
-        ("energy", energy_ev, 10.0, 1e6, "eV", ""),
+        ("energy", energy_ev, 100.0, 1e6, "eV", ""),
         ("detector distance", distance_m, 1e-3, 1e3, "m", _unit_hint(distance_m, 1e-3, 1e3)),
         ("detector pixel size", detector_pixel_m, 1e-7, 1e-2, "m",
          _unit_hint(detector_pixel_m, 1e-7, 1e-2)),
@@ -128,10 +128,10 @@ def check_geometry(energy_ev: float, distance_m: float, detector_pixel_m: float,
         if not (np.isfinite(value) and lo <= value <= hi):
             if name == "energy" and np.isfinite(value) and 1e-17 < value < 1e-13:
                 hint = "; it looks like joules (CXI stores J: divide by 1.602e-19)"
-            elif name == "energy" and np.isfinite(value) and 0.01 <= value < 10:
+            elif name == "energy" and np.isfinite(value) and 0.1 <= value < 100:
                 hint = "; it looks like keV (times 1000 gives eV)"
-            raise ScanUnitsError(f"{name} {value!r} {unit} is outside [{lo:g}, {hi:g}] {unit}"
-                                 f"{hint}")
+            raise ScanUnitsError(f"{name} {float(value):g} {unit} is outside [{lo:g}, {hi:g}] "
+                                 f"{unit}{hint}")
 
 
 def zero_frequency_of(frames: np.ndarray, max_frames: int = 64) -> str:
