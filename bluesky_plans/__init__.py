@@ -23,6 +23,7 @@ from .devices import (
     SimPtychoDetector,
     SimSpiralStage,
 )
+from .live import LiveStitchedMap
 from .plans import (
     configure_detector,
     prepare_ioc,
@@ -40,5 +41,5 @@ __all__ = [
     "report_decision", "report_ssim", "round_summary", "EdgeIOC", "EpicsSpiralStage", "SimMotor",
     "SimPtychoDetector", "SimSpiralStage", "configure_detector", "prepare_ioc", "ptycho_scan", "resolve_step",
     "spiral_path", "spiral_ptycho_scan", "wait_for_input", "wait_for_ioc", "ScanRunEngine",
-    "make_run_engine",
+    "make_run_engine", "LiveStitchedMap",
 ]

@@ -197,12 +197,15 @@ def edge_ioc(epics_env, devices, model_file):
 
 
 def test_spiral_scan_stitches_a_map_in_the_ioc(RE, devices, edge_ioc, epics_env):
+    from ptychostream.bluesky_plans.live import LiveStitchedMap
     from ptychostream.ioc.client import get_stitched, stitched_geometry
 
     stage, det = devices
     ioc = edge_ioc
     docs: dict[str, list] = {}
     RE.subscribe(lambda name, doc: docs.setdefault(name, []).append(doc))
+    live = LiveStitchedMap(ioc, period=0.2)
+    RE.subscribe(live)
     n = 24
     RE(spiral_ptycho_scan(det, stage, n_points=n, step=60e-9, exposure=0.05, ioc=ioc,
                           scan_name="with-ioc"))
@@ -224,6 +227,11 @@ def test_spiral_scan_stitches_a_map_in_the_ioc(RE, devices, edge_ioc, epics_env)
     cols = np.round((scan.positions_m[:, 0] - x0) / pixel).astype(int)
     rows = np.round((scan.positions_m[:, 1] - y0) / pixel).astype(int)
     assert np.isfinite(np.asarray(image)[rows, cols]).all()
+    # the live view showed the IOC's map, whole, at the end of the run
+    assert live.frames == n
+    np.testing.assert_array_equal(live.image, np.asarray(image))
+    assert live.extent_m[0] == pytest.approx(x0 - pixel / 2)
+    assert f"{n} frames stitched" in live.ax.get_title()
 
 
 # --------------------------------------------------------------------------- routes, units, live view
