@@ -279,12 +279,16 @@ def test_headless_run_engine_skips_plots_and_keeps_the_table(devices, capsys):
     t0 = time.perf_counter()
     bare(spiral_ptycho_scan(det, stage, n_points=30, step=60e-9, exposure=0.01))
     t_bare = time.perf_counter() - t0
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
     RE = make_run_engine()
     t0 = time.perf_counter()
     RE(spiral_ptycho_scan(det, stage, n_points=30, step=60e-9, exposure=0.01))
     t_bec = time.perf_counter() - t0
     out = capsys.readouterr().out
     assert "det_total_counts" in out and out.count("|        30 |") == 1  # the table, 30 rows
+    assert plt.get_fignums() == []  # no figure drawn where nobody sees it
     assert t_bec < 3 * t_bare + 1.0, (t_bare, t_bec)
 
 
