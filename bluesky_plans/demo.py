@@ -286,6 +286,9 @@ def run_demo(out_dir: str | Path = "demo-output", quick: bool = False, prefix: s
     server = EdgeIOCServer(prefix=prefix, input_pv=det.pv_name.get(), ca_mirror=True,
                            batch_size=cfg.ioc_batch_size)
     server.start()
+    from ptychostream.bluesky_plans.session import _quiet_requested_aborts
+
+    _quiet_requested_aborts()  # Ctrl-C aborts the demo: not an error, no traceback
     RE = RunEngine({})
     bec = BestEffortCallback()
     bec.disable_plots()
@@ -409,8 +412,9 @@ def run_demo(out_dir: str | Path = "demo-output", quick: bool = False, prefix: s
 def _terminate_workers(executor) -> None:
     """Stop a local pool's worker now (a reconstruction may run for minutes); a remote
     executor's tasks are left to finish on their endpoint."""
-    for proc in list(getattr(executor, "_processes", {}).values()):
-        proc.terminate()
+    terminate = getattr(executor, "terminate", None)
+    if terminate is not None:
+        terminate()
 
 
 def _set_sample(det, kind: str, seed: int, text: str = ""):
