@@ -215,8 +215,9 @@ def wait_for_ioc(ioc, n_frames: int, before: tuple | None = None, timeout: float
         if accounted >= n_frames or now - last_change > stall or now - start > timeout:
             break
         yield from bps.sleep(poll)
-    if missed is None:  # the IOC does not count them: what neither arrived nor was dropped
-        missed = max(0, n_frames - stitched - dropped)
+    # frames that neither reached the map nor were dropped never arrived: the IOC counts only
+    # the gaps it sees between uniqueIds, not the frames after the last one
+    missed = max(missed or 0, n_frames - stitched - dropped)
     report = {"sent": int(n_frames), "stitched": stitched, "dropped": dropped,
               "missed": missed, "seconds": round(time.monotonic() - start, 2)}
     level = logging.INFO if stitched == n_frames else logging.WARNING

@@ -44,7 +44,8 @@ def _property(table: PVTable, suffix: str, spec: PVSpec):
     if spec.kind == "int":
         prop = pvproperty(value=int(value), dtype=int, units=spec.units, **kw)
     elif spec.kind == "float":
-        prop = pvproperty(value=float(value), dtype=float, precision=3, units=spec.units, **kw)
+        prop = pvproperty(value=float(value), dtype=float, precision=spec.precision,
+                          units=spec.units, **kw)
     elif spec.kind == "str":
         prop = pvproperty(value=str(value), dtype=ChannelType.CHAR, max_length=STRING_LENGTH,
                           string_encoding="utf-8", **kw)

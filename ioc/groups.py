@@ -146,6 +146,7 @@ class InferencePVs(PluginPVs):
     def __init__(self, table, driver, plugin, store=None) -> None:
         self.inference = plugin
         self.store = store
+        self.input_connected = False  # set by the host's input monitor
         self.publisher = PhasePublisher(table)
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="model-loader")
         super().__init__(table, driver)
@@ -176,6 +177,7 @@ class InferencePVs(PluginPVs):
     def post_stats(self, stats: dict) -> None:
         super().post_stats(stats)
         self.table.set("NN:MissedArrays_RBV", int(self.driver.missed))
+        self.table.set("NN:InputConnected_RBV", int(self.input_connected))
 
     # ------------------------------------------------------------------ models
     def _next_version(self) -> int:

@@ -160,7 +160,7 @@ class PVTable:
             if spec.units:
                 v["display.units"] = spec.units
             if spec.kind == "float":
-                v["display.precision"] = 3
+                v["display.precision"] = spec.precision
             return v
         if spec.kind == "enum":
             v = nt.wrap({"index": int(value), "choices": list(spec.choices)}, **kw)

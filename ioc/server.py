@@ -20,7 +20,6 @@ import argparse
 import logging
 import math
 import signal
-import socket
 import threading
 from pathlib import Path
 
@@ -109,6 +108,7 @@ class EdgeIOC:
         try:
             if isinstance(value, Exception):
                 self.input_connected.clear()
+                self.nn_pvs.input_connected = False
                 if not self._ever_connected:
                     what = f"Waiting for input PV {self.input_pv}"
                 elif type(value).__name__ == "Disconnected":
@@ -121,6 +121,7 @@ class EdgeIOC:
                 return
             if not self.input_connected.is_set():
                 self.input_connected.set()
+                self.nn_pvs.input_connected = True
                 self._ever_connected = True
                 self.nn.clear_condition("input")
                 log.info("input %s connected", self.input_pv)
@@ -165,32 +166,18 @@ class EdgeIOC:
             self.stitch_pvs.load_probe(p, "" if not isinstance(p, str | Path) else str(p))
 
     # ------------------------------------------------------------------ life cycle
-    def _server_conf(self) -> dict:
-        """Serve on the configured port, or say plainly that another server has it (two
-        pvAccess servers on one host: ours takes a random port, found by search as usual)."""
-        import os
-
-        port = int(os.environ.get("EPICS_PVAS_SERVER_PORT",
-                                  os.environ.get("EPICS_PVA_SERVER_PORT", "5075")))
-        with socket.socket() as s:
-            try:
-                s.bind(("", port))
-                return {}
-            except OSError:
-                log.info("pvAccess port %d is in use by another server on this host: serving on "
-                         "a random port (clients find it by search)", port)
-                return {"EPICS_PVAS_SERVER_PORT": "0"}
-
     def start(self) -> EdgeIOC:
         from p4p.client.thread import Context
         from p4p.server import Server
         from p4p.util import ThreadedWorkQueue
 
+        from ptychostream.epics_env import pva_server_conf
+
         if self.refine_threads and self.device == "cpu":
             import torch  # the map stage shares the cores with the engine: one thread is its share
 
             torch.set_num_threads(int(self.refine_threads))
-        self._server = Server(providers=[self.table.provider()], conf=self._server_conf(),
+        self._server = Server(providers=[self.table.provider()], conf=pva_server_conf(),
                               useenv=True)
         if self.ca is not None:
             self.ca.start()

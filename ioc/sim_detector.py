@@ -22,6 +22,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ptychostream.epics_env import pva_server_conf
 from ptychostream.ntndarray import Frame, ntndarray_type, to_value
 from ptychostream.scanfile import ScanData, load_positions, median_step
 
@@ -47,7 +48,8 @@ class FramePublisher:
         self._pv = SharedPV(handler=self)
         if open_empty:
             self._pv.open(to_value(Frame(np.zeros((0, 0), np.uint32))))
-        self._server = Server(providers=[{pv_name: self._pv}])
+        self._server = Server(providers=[{pv_name: self._pv}], conf=pva_server_conf(),
+                              useenv=True)
         log.debug("FramePublisher serving %s", pv_name)
 
     # p4p SharedPV handler: who is listening
@@ -217,7 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-positions", type=int, default=963, help="simulation: scan positions")
     p.add_argument("--step", type=float, default=50e-9, help="simulation: step size (m)")
     p.add_argument("--seed", type=int, default=0, help="simulation: random seed")
-    p.add_argument("--sample", default="train", help="simulation: sample kind")
+    p.add_argument("--sample", default="test",
+                   help="simulation: test (letters, the default), train (random features), mixed")
+    p.add_argument("--write-scan", metavar="PATH",
+                   help="also write the scan (frames, positions, probe, truth) to this HDF5 file, "
+                   "e.g. for ptychostream-ioc --probe PATH")
     p.add_argument("--rate", type=float, default=100.0, help="frames/s (<= 0: as fast as possible)")
     p.add_argument("--repeat", type=int, default=1, help="passes over the scan (0: forever)")
     p.add_argument("--start-delay", type=float, default=1.0,
@@ -247,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
 
             scan = simulate_scan(n_positions=args.n_positions, step_m=args.step, seed=args.seed,
                                  sample_kind=args.sample)
+        if args.write_scan:
+            from ptychostream.scanfile import write_scan
+
+            write_scan(args.write_scan, scan)
     except (ScanFileError, OSError) as exc:
         log.error("%s", exc)
         return 2

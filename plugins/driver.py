@@ -125,6 +125,7 @@ class PluginDriver:
             self.dropped = 0
             self.bad = 0
             self.missed = 0
+            self.passed = 0  # passed on unprocessed (e.g. no model: the map still gets them)
             self.received = 0
             self.execution_time_ms = 0.0
             self.unique_id = 0
@@ -380,12 +381,9 @@ class PluginDriver:
             return
         dt = time.perf_counter() - t0
         self._count_problems(out)
-        skipped = sum(n for _, n in out.skipped)
-        for reason, n in out.skipped:
-            with self._lock:
-                self.dropped += n
-            self._log.warning(reason, f"{self.name}: {n} array(s) passed on unprocessed: "
-                              f"{reason}", n)
+        skipped = sum(n for _, n in out.skipped)  # passed on, not lost: the next stage has them
+        with self._lock:
+            self.passed += skipped
         out.skipped = []
         done = len(out) - skipped
         with self._lock:

@@ -8,7 +8,11 @@ environment. The values are those of shared/epics-loopback.env; already-set vari
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
+
+log = logging.getLogger(__name__)
 
 LOOPBACK = {
     "EPICS_PVA_AUTO_ADDR_LIST": "NO",
@@ -39,3 +43,19 @@ def configure(loopback: bool = False) -> None:
     is changed and the host's EPICS environment holds."""
     if loopback:
         use_loopback()
+
+
+def pva_server_conf() -> dict:
+    """p4p Server ``conf`` that serves on the configured pvAccess port, or, when another server
+    on this host has it (a detector IOC beside ours), on a random port found by search as
+    usual, said in one INFO line instead of pvxs's "unable to bind port" warning."""
+    port = int(os.environ.get("EPICS_PVAS_SERVER_PORT",
+                              os.environ.get("EPICS_PVA_SERVER_PORT", "5075")))
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+            return {}
+        except OSError:
+            log.info("pvAccess port %d is taken by another server on this host: serving on a "
+                     "random port (clients find it by search)", port)
+            return {"EPICS_PVAS_SERVER_PORT": "0"}

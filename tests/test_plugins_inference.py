@@ -146,8 +146,9 @@ def test_driver_counts_drops_when_full_bad_frames_gaps_and_no_model():
     try:
         assert drv.wait_idle(30)
         s = drv.stats()
-        # no model: the frames go on to the map unprocessed, counted as dropped here
-        assert s["DroppedArrays_RBV"] == 8 and s["ArrayCounter_RBV"] == 0 and uids(out) == [1, 2, 3]
+        # no model: the frames go on to the map unprocessed (passed, not lost)
+        assert s["DroppedArrays_RBV"] == 5 and s["ArrayCounter_RBV"] == 0 and uids(out) == [1, 2, 3]
+        assert drv.passed == 3
         assert s["Status_RBV"][:2] == ("No model loaded", 1)
         plugin.load_model(onnx_bytes())
         drv.clear_condition("model")
@@ -155,10 +156,10 @@ def test_driver_counts_drops_when_full_bad_frames_gaps_and_no_model():
         drv.push(frames(1, start=78)[0], unique_id=78)
         assert drv.wait_idle(30)
         s = drv.stats()
-        assert s["BadArrays_RBV"] == 1 and s["DroppedArrays_RBV"] == 9
+        assert s["BadArrays_RBV"] == 1 and s["DroppedArrays_RBV"] == 6
         assert s["ArrayCounter_RBV"] == 1 and uids(out)[-1] == 78
         assert drv.missed == 77 - 8 - 1  # uniqueIds 9..76 never arrived
-        assert drv.received == drv.array_counter + drv.dropped
+        assert drv.received == drv.array_counter + drv.dropped + drv.passed
         assert "77" in s["Status_RBV"][0] and s["Status_RBV"][1] == 2
     finally:
         drv.stop()

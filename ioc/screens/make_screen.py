@@ -27,10 +27,8 @@ ROW = 25  # pixels between rows of a column
 #: PVs the lead is adding and where they go once they are in the table (column, label)
 FUTURE = {
     "NN:MissedArrays_RBV": ("NN", "Missed"),
-    "Stitch:Refine": ("Stitch", "Refine"),
-    "Stitch:ProbeStatus_RBV": ("Stitch", "Probe"),
-    "Stitch:Passes_RBV": ("Stitch", "Passes"),
-    "Stitch:Amplitude": ("images", "Stitched amplitude  Stitch:Amplitude"),
+    "NN:InputConnected_RBV": ("NN", "Input connected"),
+    "Stitch:Amplitude": ("images", "Refined amplitude  Stitch:Amplitude"),
 }
 
 
@@ -162,9 +160,16 @@ def build() -> screen.Screen:
         rows = [(text, f"{plugin}:{s}") for text, s in plugin_rows]
         widgets += column(f"{plugin} plugin", present(rows, plugin), 260 + 250 * i, top)
     controls = [("Batch size", "NN:BatchSize"), ("Intensity scale", "NN:IntensityScale"),
-                ("Map pixel (m)", "Stitch:PixelSize"), ("Map update (s)", "Stitch:UpdatePeriod"),
+                ("Map pixel (nm)", "Stitch:PixelSize"), ("Map update (s)", "Stitch:UpdatePeriod"),
                 ("Frames stitched", "Stitch:NumFrames_RBV")]
     widgets += column("Controls", controls, 760, top)
+    if wide:  # the live refinement: the map shows the sample from the first frames
+        widgets += column("Refinement", [
+            ("Refine", "Stitch:Refine"), ("Probe", "Stitch:ProbeStatus_RBV"),
+            ("Passes", "Stitch:Passes_RBV"), ("Alpha", "Stitch:RefineAlpha"),
+            ("Probe step", "Stitch:ProbeStep"), ("Network seed", "Stitch:SeedMode"),
+            ("Weighting", "Stitch:Weighting"), ("Register offsets", "Stitch:RegisterOffsets"),
+        ], 1010, top)
     by = top + 28 + len(controls) * ROW + 5
     widgets += [button("Reset map", "Stitch:Reset", "1", 760, by),
                 button("Reset counters", "NN:ArrayCounter", "0", 760 + 124, by)]
