@@ -78,12 +78,12 @@ def check_probe(probe, frame_size: int | None = None) -> np.ndarray:
     return p.astype(np.complex64)
 
 
-def load_probe(source) -> tuple[np.ndarray, str]:
-    """A probe from a file path or bytes: ``.npy``, a reconstruction file of ours (its
-    ``probe`` dataset, all modes) or a scan file (``/entry/ptychography/probe``).
-    Returns (probe (modes, N, N) complex64, where it came from)."""
+def read_probe(source) -> tuple[np.ndarray, str]:
+    """The probe array in a file path or bytes, unchecked: ``.npy``, a reconstruction file of
+    ours (its ``probe`` dataset, all modes) or a scan file (``/entry/ptychography/probe``).
+    Returns (array, where it came from); ProbeError when there is none to read."""
     if isinstance(source, np.ndarray):
-        return check_probe(source), "array"
+        return source, "array"
     if isinstance(source, bytes | bytearray | memoryview):
         data, name = bytes(source), f"{len(source)} bytes"
     else:
@@ -95,10 +95,9 @@ def load_probe(source) -> tuple[np.ndarray, str]:
         name = str(path)
     if data[:6] == b"\x93NUMPY":
         try:
-            arr = np.load(io.BytesIO(data), allow_pickle=False)
+            return np.load(io.BytesIO(data), allow_pickle=False), f".npy {name}"
         except Exception as exc:
             raise ProbeError(f"{name}: unreadable .npy: {exc}") from exc
-        return check_probe(arr), f".npy {name}"
     if data[:8] == b"\x89HDF\r\n\x1a\n":
         import h5py
 
@@ -109,14 +108,17 @@ def load_probe(source) -> tuple[np.ndarray, str]:
                     if key in f:
                         label = f.attrs.get("recon_id", "")
                         label = label.decode() if isinstance(label, bytes) else str(label)
-                        return check_probe(f[key][()]), f"{what} {name}" + (
-                            f" ({label})" if label else "")
-        except ProbeError:
-            raise
+                        return f[key][()], f"{what} {name}" + (f" ({label})" if label else "")
         except Exception as exc:
             raise ProbeError(f"{name}: unreadable HDF5: {exc}") from exc
         raise ProbeError(f"{name} has no probe (neither /probe nor /entry/ptychography/probe)")
     raise ProbeError(f"{name} is neither .npy nor HDF5 (starts {data[:8]!r})")
+
+
+def load_probe(source) -> tuple[np.ndarray, str]:
+    """:func:`read_probe`, checked: (probe (modes, N, N) complex64, where it came from)."""
+    array, where = read_probe(source)
+    return check_probe(array), where
 
 
 # --------------------------------------------------------------------------- the refiner
