@@ -40,10 +40,20 @@ DEFAULT_ALPHA = 0.1
 #: passes: 0.1 -> 0.971, 0.3 -> 0.980; full passes 0.986 / 0.988); at overlap 0.6, 4.5
 #: passes: 0.1 -> 0.981, 0.3 -> 0.975
 DEFAULT_REVISIT_ALPHA = 0.3
+#: ePIE probe step, measured on the W-film letters scan at overlap 0.9 (one pass, batch 2):
+#: with a probe pty-chi reconstructed from another scan 0 -> corr 0.919, 0.5 -> 0.977; with an
+#: 850 nm probe for the 800 nm beam 0.980 -> 0.990; with the exact probe 0.997 -> 0.992
 DEFAULT_PROBE_STEP = 0.5
 #: probe steps start once the map has this many frames (a flat map would teach the probe nothing)
 DEFAULT_PROBE_START = 100
 DEFAULT_PROBE_ALPHA = 0.3
+#: frames updated together: corrections of overlapping frames summed from one map lose
+#: accuracy on a strong object (W film letters, overlap 0.9, one pass: batch 1 corr 0.998,
+#: 2 -> 0.997, 4 -> 0.993, 8 -> 0.972; at overlap 0.6 batch 1 -> 0.974, 8 -> 0.967), and on a
+#: CPU batch 2 costs no more than 8; a GPU needs bigger batches to keep up (measure:
+#: benchmarks/bench_refine.py) and further passes make up for them
+DEFAULT_BATCH = 2
+DEFAULT_GPU_BATCH = 16
 #: probe power allowed (sum |P|^2): anything outside is no probe of a detector with counts
 PROBE_POWER_RANGE = (1e-12, 1e15)
 
@@ -192,7 +202,8 @@ class Refiner:
                  probe_start: int = DEFAULT_PROBE_START,
                  revisit_alpha: float = DEFAULT_REVISIT_ALPHA, seed: str = "new",
                  positions_m: np.ndarray | None = None, device: str = "cpu",
-                 history: int = 2048, batch: int = 8, max_px: int = MAX_MAP_PX) -> None:
+                 history: int = 2048, batch: int | None = None,
+                 max_px: int = MAX_MAP_PX) -> None:
         import torch
 
         self.torch = torch
@@ -205,7 +216,8 @@ class Refiner:
         self.revisit_alpha = float(revisit_alpha)
         self._alpha_now = self.alpha
         self.seed = seed
-        self.batch = max(1, int(batch))
+        self.batch = max(1, int(batch or (DEFAULT_BATCH if self.device.type == "cpu"
+                                          else DEFAULT_GPU_BATCH)))
         self.history_size = int(history)
         self.max_px = int(max_px)
         self._lock = threading.RLock()
@@ -492,7 +504,8 @@ class Refiner:
 
 
 def refine_scan(frames: np.ndarray, positions_m: np.ndarray, probe, pixel_m: float,
-                passes: int = 1, batch: int = 8, seed_phases: np.ndarray | None = None,
+                passes: int = 1, batch: int | None = None,
+                seed_phases: np.ndarray | None = None,
                 alpha: float = DEFAULT_ALPHA, probe_step: float | None = None,
                 seed: str = "new", device: str = "cpu", **options) -> tuple[np.ndarray, tuple]:
     """Offline refinement of a whole scan in arrival order, as the live stage does it: one live
@@ -502,9 +515,10 @@ def refine_scan(frames: np.ndarray, positions_m: np.ndarray, probe, pixel_m: flo
                 probe_step=DEFAULT_PROBE_STEP if probe_step is None else probe_step,
                 seed=seed, positions_m=positions_m, device=device, batch=batch,
                 history=max(len(frames), 1), **options)
-    for s in range(0, len(frames), batch):
-        r.update(frames[s:s + batch], positions_m[s:s + batch],
-                 None if seed_phases is None else seed_phases[s:s + batch])
-    for _ in range(max(0, passes - 1) * int(math.ceil(r.stored / batch))):
-        r.revisit(batch)
+    chunk = 64  # frames handed over at a time, as a stream's batches; updates go by r.batch
+    for s in range(0, len(frames), chunk):
+        r.update(frames[s:s + chunk], positions_m[s:s + chunk],
+                 None if seed_phases is None else seed_phases[s:s + chunk])
+    while r.passes < passes and r.stored:
+        r.revisit()
     return r.phase_image(), r.origin
