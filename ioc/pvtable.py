@@ -127,6 +127,7 @@ class PVTable:
         self.alarms: dict[str, Alarm] = {}
         self.access = access
         self.refused_writes = 0
+        self._refusal_log = None
         self._nts: dict[str, object] = {}
         self._hooks: dict[str, PutHook] = {}
         self._async_hooks: dict[str, Callable] = {}
@@ -231,13 +232,28 @@ class PVTable:
     def add_listener(self, fn: Listener) -> None:
         self._listeners.append(fn)
 
+    def may_write(self, suffix: str, peer: str = "", account: str = "") -> bool:
+        """The access policy's answer, nothing counted (Channel Access rights at connect)."""
+        return self.access is None or bool(self.access(suffix, peer, account))
+
     def allowed(self, suffix: str, peer: str = "", account: str = "") -> bool:
-        """May ``account`` at ``peer`` (host:port or host) write ``suffix``? Counts refusals."""
-        if self.access is None or self.access(suffix, peer, account):
+        """May ``account`` at ``peer`` (host:port or host) write ``suffix``? Counts refusals
+        on NN:RefusedWrites_RBV and logs them, one line per writer and PV per 10 s."""
+        if self.may_write(suffix, peer, account):
             return True
-        self.refused_writes += 1
-        log.warning("write to %s%s refused: %s@%s is not allowed", self.prefix, suffix,
-                    account or "?", peer or "?")
+        from ptychostream.plugins.driver import RateLimitedLog
+
+        with self._lock:
+            self.refused_writes += 1
+            n = self.refused_writes
+            if self._refusal_log is None:
+                self._refusal_log = RateLimitedLog(log, 10.0)
+        who = f"{account or '?'}@{peer or '?'}"
+        self._refusal_log.warning(f"{who} {suffix}", f"write to {self.prefix}{suffix} refused "
+                                  f"by access security: {who} is not allowed")
+        if "NN:RefusedWrites_RBV" in self.specs:
+            self.set("NN:RefusedWrites_RBV", n, Alarm.of(MINOR, f"{n} refused writes",
+                                                         "client"))
         return False
 
     def write(self, suffix: str, value, peer: str = "", account: str = "") -> object:

@@ -145,8 +145,10 @@ def test_load_engine_refuses_wrong_shapes_and_junk():
     buf = io.BytesIO()
     torch.onnx.export(_Half(), (torch.zeros(1, 1, 128, 128),), buf, dynamo=False,
                       input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "b"}})
-    with pytest.raises(ModelError, match="output shape"):
+    with pytest.raises(ModelError, match="not PtychoNN 2.0"):
         load_engine("onnxruntime", buf.getvalue())
+    with pytest.raises(ModelError, match="output shape"):  # another architecture, allowed
+        load_engine("onnxruntime", buf.getvalue(), allow_custom=True)
     with pytest.raises(ModelError):
         load_engine("onnxruntime", b"\x00\x01garbage")
     with pytest.raises(ModelError, match="empty"):
