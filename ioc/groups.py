@@ -275,8 +275,9 @@ class InferencePVs(PluginPVs):
     def load_startup_model(self, model_file: Path | None) -> None:
         """The newest good stored model (the current one first), else ``model_file``, else
         none; whatever was skipped on the way is said on ModelStatus_RBV (MINOR) and logged."""
+        candidates = self.store.candidates() if self.store else []
         skipped: list[str] = list(self.store.problems) if self.store else []
-        for entry in self.store.candidates() if self.store else []:
+        for entry in candidates:
             try:
                 data = self.store.read(entry)
             except OSError as exc:
