@@ -27,13 +27,15 @@ reports on them.
 
 Hosts are IP addresses, networks (``10.2.3.0/24``) or host names. pvAccess peers are matched
 by address (names are resolved once, at start); Channel Access clients report their host
-name themselves, which is matched by name (as EPICS CA access security does; like it, this
-trusts the client's word, so use networks the beamline controls).
+name themselves, which is matched by name, or by the addresses it resolves to here (as
+EPICS CA access security does; like it, this trusts the client's word: use networks the
+beamline controls).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import ipaddress
 import logging
 import socket
@@ -63,6 +65,15 @@ def _split_host(peer: str) -> str:
     if peer.count(":") == 1:
         return peer.split(":", 1)[0]
     return peer
+
+
+@functools.lru_cache(maxsize=256)
+def _resolve(name: str) -> tuple:
+    """The addresses a host name (as a CA client reports it) resolves to here, cached."""
+    try:
+        return tuple({ipaddress.ip_address(i[4][0]) for i in socket.getaddrinfo(name, None)})
+    except (OSError, UnicodeError, ValueError):
+        return ()
 
 
 def _ip(text: str):
@@ -111,8 +122,9 @@ class Rule:
         if ip is not None:
             return any(ip in net for net in self._networks)
         host = host.lower()
-        return host in self._names or host.split(".")[0] in {n.split(".")[0]
-                                                            for n in self._names}
+        if host in self._names or host.split(".")[0] in {n.split(".")[0] for n in self._names}:
+            return True
+        return any(ip in net for ip in _resolve(host) for net in self._networks)
 
     def describe(self) -> str:
         hosts = "any host" if self.hosts is None else "hosts " + ", ".join(self.hosts)

@@ -58,6 +58,8 @@ class ModelStore:
         self.keep = max(1, int(keep))
         self.problems: list[str] = []  # what start-up found wrong, for ModelStatus_RBV
         for tmp in self.folder.glob("*.tmp"):
+            if not tmp.is_file():
+                continue
             tmp.unlink(missing_ok=True)
             log.warning("model store %s: removed %s left by an interrupted save", self.folder,
                         tmp.name)

@@ -265,12 +265,29 @@ class PVTable:
         if not self.allowed(suffix, peer, account):
             raise PermissionError(f"{account or '?'}@{peer or '?'} may not write "
                                   f"{self.prefix}{suffix}")
+        if suffix in self._async_hooks:  # e.g. NN:ModelSelect over CA: wait for the verdict
+            return self._write_async(suffix, value)
         hook = self._hooks.get(suffix)
         if hook is not None:
             out = hook(value)
             value = value if out is None else out
         self.set(suffix, value)
         return value
+
+    def _write_async(self, suffix: str, value, timeout: float = 120.0):
+        verdict: list = []
+        finished = threading.Event()
+
+        def done(error: str | None = None) -> None:
+            verdict.append(error)
+            finished.set()
+
+        self._async_hooks[suffix](value, done)
+        if not finished.wait(timeout):
+            raise ValueError(f"{suffix}: no verdict after {timeout:.0f} s")
+        if verdict[0]:
+            raise ValueError(verdict[0])
+        return self.values[suffix]
 
 
 class _Handler:
