@@ -79,6 +79,22 @@ class _NoBeaconErrors(logging.Filter):
         return not record.getMessage().startswith("Failed to send beacon")
 
 
+class _RefusedWritesInOneLine(logging.Filter):
+    """caproto logs a refused write (access security, a value out of range) as an ERROR with
+    a traceback; it is a client's mistake, not the IOC's: one WARNING line, no traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if record.getMessage().startswith("Invalid write request") and exc is not None and \
+                exc.__class__.__name__ in ("Forbidden", "ValueError", "PermissionError",
+                                           "TypeError"):
+            record.msg, record.args = "Channel Access write refused: %s", (exc,)
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            return not exc.__class__.__name__ == "Forbidden"  # access refusals: logged already
+        return True
+
+
 def _property(table: PVTable, suffix: str, spec: PVSpec):
     """One pvproperty for one scalar PV of the table."""
     from caproto import ChannelType
@@ -140,6 +156,7 @@ class CAMirror:
 
     def __init__(self, table: PVTable, interfaces: list[str] | None = None) -> None:
         logging.getLogger("caproto.ctx").addFilter(_NoBeaconErrors())
+        logging.getLogger("caproto.circ").addFilter(_RefusedWritesInOneLine())
         self.table = table
         self.group = make_group_class(table)(prefix=table.prefix)
         self.interfaces = interfaces
