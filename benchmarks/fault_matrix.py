@@ -672,7 +672,7 @@ def soak_cases(m: Matrix, soak_s: float, stall_s: float) -> None:
                 r.pub.publish(frames[uid % 50], uid)
                 time.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
 
-        stream(min(10.0, soak_s))
+        stream(min(20.0, soak_s))  # warm-up: arenas and caches reach their size
         wait(r.ioc.nn.idle)
         rss0, n0 = rss_mb(), r.ioc.nn.array_counter
         stream(soak_s)
@@ -682,21 +682,38 @@ def soak_cases(m: Matrix, soak_s: float, stall_s: float) -> None:
         m.check("soak", f"30 Hz for {soak_s:.0f} s ({n} frames)", "< 100 KB per 1000 frames",
                 f"{growth:.0f} KB per 1000 frames, lost {r.ioc.nn.dropped + r.ioc.nn.missed}",
                 growth < 100 and r.ioc.nn.dropped + r.ioc.nn.missed == 0)
+        from p4p.client.thread import Context
+
+        r.ioc.memory_headroom_mb = headroom = 64.0  # the guard's budget for this case
         for how in ("callback", "frozen"):
             proc = subprocess.Popen([sys.executable, "-c", STALLED_CLIENT,
                                      r.prefix + "NN:Phase", str(stall_s + 30), how])
+            seen: list[int] = []
+            ctx = Context("pva")  # a well-behaved client beside it
+            sub = ctx.monitor(r.prefix + "NN:Phase", lambda v, s=seen: s.append(
+                int(v.raw["uniqueId"])) if not isinstance(v, Exception) else None)
             try:
                 time.sleep(3.0)
-                rss0, n0 = rss_mb(), r.ioc.nn.array_counter
-                stream(stall_s, rate=100.0)
+                r.ioc.memory_base_mb = rss_mb()  # growth from here
+                rss0, n0, resets = rss_mb(), r.ioc.nn.array_counter, r.ioc.memory_resets
+                peak = rss0
+                t_end = time.monotonic() + stall_s
+                while time.monotonic() < t_end:
+                    stream(1.0, rate=100.0)
+                    peak = max(peak, rss_mb())
                 wait(r.ioc.nn.idle)
                 n = r.ioc.nn.array_counter - n0
-                grown = rss_mb() - rss0
+                last = uid
+                ok_client = wait(lambda u=last, s=seen: bool(s) and s[-1] == u, 10)
+                grown = peak - rss0
                 m.check("soak", f"client {how} (queueSize=100000), {n} phases in "
-                        f"{stall_s:.0f} s", "IOC memory bounded (< 64 MB growth)",
-                        f"+{grown:.0f} MB ({grown * 1024 / max(n, 1):.0f} KB per frame)",
-                        grown < 64)
+                        f"{stall_s:.0f} s", f"IOC peak < +{2 * headroom:.0f} MB, others served",
+                        f"peak +{grown:.0f} MB, {r.ioc.memory_resets - resets} guard resets, "
+                        f"other client up to date {ok_client}", grown < 2 * headroom
+                        and ok_client)
             finally:
+                sub.close()
+                ctx.close()
                 proc.kill()
                 proc.wait()
 

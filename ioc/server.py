@@ -37,6 +37,28 @@ INPUT_WARN_S = 10.0
 FRAME_BYTES = 128 * 128 * 8
 
 
+MINOR_ALARM = 1
+
+
+def _rss_mb() -> float:
+    """This process's resident memory (MiB), from /proc (Linux); 0 where there is none."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _trim_heap() -> None:
+    """Give freed memory back to the system (glibc keeps it otherwise)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def max_queue_for(queue_memory_mb: float) -> int:
     """The longest input queue (frames) that ``queue_memory_mb`` MiB can hold."""
     return max(1, int(queue_memory_mb * 2**20 // FRAME_BYTES))
@@ -59,7 +81,7 @@ class EdgeIOC:
                  map_dir: str | Path | None = None, access=None, device: str | None = None,
                  engine_kwargs: dict | None = None, refine_threads: int | None = 1,
                  stats_period_s: float = 0.25, model_store_required: bool = False,
-                 queue_memory_mb: float = 2048.0) -> None:
+                 queue_memory_mb: float = 2048.0, memory_headroom_mb: float = 2048.0) -> None:
         from ptychostream import codecs  # noqa: F401  (registers the NTNDArray decoders)
         from ptychostream.ioc.groups import InferencePVs, QAPVs, StitchPVs
         from ptychostream.ioc.model_store import ModelStore
@@ -104,6 +126,9 @@ class EdgeIOC:
 
             self.ca = CAMirror(self.table)
         self._initial_probe = probe
+        self.memory_headroom_mb = float(memory_headroom_mb)
+        self.memory_resets = 0
+        self.memory_base_mb = 0.0  # RSS the guard measures growth from (set at start)
         self._startup_load = None
         self._stop = threading.Event()
         self.input_connected = threading.Event()  # set while the input monitor has a channel
@@ -226,9 +251,46 @@ class EdgeIOC:
             self._subs.append(self._ctx.monitor(pv, self._on_external_phase,
                                                 request=MONITOR_REQUEST))
         self._stop.clear()
+        if self.memory_headroom_mb > 0:
+            threading.Thread(target=self._guard_memory, name="ioc-memory-guard",
+                             daemon=True).start()
         log.info("edge IOC %s serving %d PVs; input %s", self.prefix, len(self.table.pvs),
                  self.input_pv or "(none)")
         return self
+
+    #: PVs whose updates are big enough for a client's pvAccess queue to matter
+    IMAGE_PVS = ("NN:Phase", "Stitch:Image", "Stitch:Amplitude", "Stitch:Probe_RBV")
+
+    def _guard_memory(self, period_s: float = 1.0) -> None:
+        """Bound the IOC's memory under any client: pvxs keeps as many updates for a
+        subscriber as its pvRequest asks (``record[queueSize=100000]``, no server-side cap) and
+        p4p cannot refuse it, so a client that stops reading grows the IOC by one image per
+        frame. Past ``memory_headroom_mb`` above the RSS at start, the image PVs are reopened:
+        their subscribers reconnect (in well under a second) and what was queued is freed."""
+        try:  # the size at start: with the start-up model loaded
+            self._startup_load.result(120)
+        except Exception:
+            pass
+        self.memory_base_mb = _rss_mb()
+        while not self._stop.wait(period_s):
+            rss, base = _rss_mb(), self.memory_base_mb
+            if rss - base <= self.memory_headroom_mb:
+                continue
+            for suffix in self.IMAGE_PVS:
+                try:
+                    self.table.reopen(suffix)
+                except Exception as exc:  # a PV that cannot reopen must not stop the guard
+                    log.error("memory guard: reopening %s failed: %r", suffix, exc)
+            self.memory_resets += 1
+            _trim_heap()
+            after = _rss_mb()
+            msg = (f"memory {rss - base:.0f} MB above start, over the {self.memory_headroom_mb:.0f}"
+                   f" MB headroom: image PV subscribers reconnected, {rss - after:.0f} MB freed "
+                   "(a client that stopped reading?)")
+            log.warning(msg)
+            self.nn.set_error(msg, MINOR_ALARM, kind="record")
+            if after - base > self.memory_headroom_mb / 2:  # not the queues: do not thrash
+                self.memory_base_mb = after
 
     def _warn_no_input(self) -> None:
         if not self._ever_connected and not self._stop.is_set():
@@ -269,12 +331,14 @@ class EdgeIOC:
 # ---------------------------------------------------------------------- CLI
 OPTIONS = ("prefix", "input", "engine", "batch_size", "model_file", "model_store", "ca",
            "queue_size", "intensity_scale", "stitch_input", "stitch_pixel", "probe", "refine",
-           "map_dir", "log_level", "loopback", "model_store_required", "queue_memory_mb")
+           "map_dir", "log_level", "loopback", "model_store_required", "queue_memory_mb",
+           "memory_headroom_mb")
 DEFAULTS = {"prefix": DEFAULT_PREFIX, "input": None, "engine": "onnxruntime", "batch_size": 8,
             "model_file": None, "model_store": None, "ca": False, "queue_size": 256,
             "intensity_scale": 1.0, "stitch_input": [], "stitch_pixel": 0.0, "probe": None,
             "refine": True, "map_dir": None, "log_level": "INFO", "loopback": False,
-            "model_store_required": False, "queue_memory_mb": 2048.0, "access": None}
+            "model_store_required": False, "queue_memory_mb": 2048.0,
+            "memory_headroom_mb": 2048.0, "access": None}
 ENGINES = ("onnxruntime", "torch", "tensorrt")
 
 
@@ -301,6 +365,7 @@ def _check(merged: dict) -> dict:
 
     number("batch_size", int, 1, 1024)
     number("queue_memory_mb", float, 1.0, 1024.0 * 1024)
+    number("memory_headroom_mb", float, 0.0, 1024.0 * 1024)
     number("queue_size", int, 1, max_queue_for(out["queue_memory_mb"]))
     number("intensity_scale", float, 1e-6, 1e6)
     number("stitch_pixel", float, 0.0, 1e-3)
@@ -378,6 +443,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--queue-memory-mb", type=float,
                    help="memory the input queue may hold, MiB (default 2048): QueueSize times "
                    "128 KiB (a float64 128x128 frame) must fit")
+    p.add_argument("--memory-headroom-mb", type=float,
+                   help="memory the IOC may grow above its start (MiB, default 2048; 0: no "
+                   "guard): past it, image PV subscribers are reconnected, freeing what "
+                   "pvAccess queued for clients that stopped reading")
     p.add_argument("--model-store-required", action=argparse.BooleanOptionalAction,
                    default=None, help="refuse a model the store cannot keep, instead of "
                    "serving it unsaved with a MAJOR alarm (default off)")
@@ -455,7 +524,8 @@ def _make_ioc(a: argparse.Namespace) -> EdgeIOC:
                   stitch_inputs=a.stitch_input, stitch_pixel_m=a.stitch_pixel, probe=a.probe,
                   refine=a.refine, map_dir=a.map_dir, access=a.access,
                   model_store_required=a.model_store_required,
-                  queue_memory_mb=a.queue_memory_mb)
+                  queue_memory_mb=a.queue_memory_mb,
+                  memory_headroom_mb=a.memory_headroom_mb)
 
 
 if __name__ == "__main__":

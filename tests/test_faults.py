@@ -391,3 +391,27 @@ def test_pvapy_consumer_path_through_the_input_cases(tmp_path):
     stats = json.loads(out.stdout.strip().splitlines()[-1])
     # processed: 1, 6, 7, 8, 10; bad: the two scalars, 1e300, 2**62, the unknown codec
     assert (stats["nProcessed"], stats["nBad"]) == (5, 5), stats
+
+
+# ---------------------------------------------------------------------- (8) memory under any client
+def test_memory_guard_reconnects_image_subscribers_and_they_go_on(ioc_factory):
+    """Past the headroom the image PVs are reopened (what pvAccess queued for a client that
+    stopped reading is freed); subscribers reconnect and keep receiving. The benchmark
+    measures it against a frozen client asking for queueSize=100000."""
+    from ptychostream.ioc import client
+
+    p = ioc_factory.prefix
+    ioc = ioc_factory(batch_size=1, memory_headroom_mb=1e-3)  # any growth trips it
+    client.deploy_model(p, onnx_model(), "m")
+    phases = PhaseCollector(p)
+    pub = ioc_factory.publisher()
+    wait_for(ioc.input_connected.is_set, what="input monitor")
+    wait_for(lambda: ioc.memory_resets >= 1, what="the guard")
+    ioc.memory_headroom_mb = 1e6  # no more resets: the subscriber reconnects and stays
+    time.sleep(1.5)
+    assert "headroom" in ioc.nn.status()[0]
+    for uid in range(1, 6):
+        pub.publish(frame(uid), uid)
+        time.sleep(0.05)
+    wait_for(lambda: set(range(1, 6)) <= set(phases.frames), what="phases after the resets")
+    phases.close()
