@@ -192,10 +192,11 @@ class InferencePVs(PluginPVs):
         return max(self.inference.model_version, self.store.highest() if self.store else 0) + 1
 
     def deploy(self, data: bytes, name: str = "", done=None, version: int | None = None,
-               save: bool = True, note: str = "") -> bool:
+               save: bool = True, note: str = "", degraded: bool = False) -> bool:
         """Validate, store and swap in a model (loader thread). ``done(error)`` completes a PV
         put. A model the store cannot keep serves with a MAJOR alarm, or is refused when the
-        store is required (``model_store_required``). ``note`` is added to the status."""
+        store is required (``model_store_required``). ``note`` is added to the status, with a
+        MINOR alarm when ``degraded`` (a start-up that had to skip stored models)."""
         from ptychostream.plugins.inference import model_name_for
 
         name = model_name_for(data, name)
@@ -205,7 +206,7 @@ class InferencePVs(PluginPVs):
         except ModelError as exc:
             return self._refuse(f"Refused {name}: {exc}", done)
         status, alarm = f"Serving {name} (v{new.version}){note}", OK
-        if note:
+        if degraded:
             alarm = Alarm.of(MINOR, status)
         if self.store is not None and save:
             try:
@@ -288,7 +289,7 @@ class InferencePVs(PluginPVs):
                      entry.file)
             note = f"; skipped: {'; '.join(skipped)}" if skipped else ""
             if self.deploy(data, entry.name, version=entry.version, save=False,
-                           note=note and f" from the store{note}"):
+                           note=note and f" from the store{note}", degraded=bool(skipped)):
                 if skipped:
                     self.store.select(entry.version)  # current.json names what serves
                 return

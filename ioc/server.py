@@ -109,7 +109,8 @@ class EdgeIOC:
                                          idle_gate=lambda: self.nn.idle())
         # the chain, built from its end: map stage, then inference feeding it
         self.stitch = PluginDriver(self.stitching, queue_size=4096, flush_s=0.0,
-                                   stats_period_s=stats_period_s)
+                                   stats_period_s=stats_period_s,
+                                   max_queue=max(4096, max_queue_for(queue_memory_mb)))
         self.nn = PluginDriver(self.inference, queue_size=queue_size, batch_size=batch_size,
                                flush_s=flush_s, decode=batch_from_values,
                                stats_period_s=stats_period_s,
