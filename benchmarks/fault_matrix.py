@@ -679,9 +679,12 @@ def soak_cases(m: Matrix, soak_s: float, stall_s: float) -> None:
         wait(r.ioc.nn.idle)
         n = r.ioc.nn.array_counter - n0
         growth = (rss_mb() - rss0) * 1024 / max(1, n / 1000)
+        lost = r.ioc.nn.dropped + r.ioc.nn.missed
+        # a short soak cannot resolve 100 KB per 1000 frames against the allocator's noise
+        # (a few MB either way): it is a measurement then, a verdict from 10,000 frames on
         m.check("soak", f"30 Hz for {soak_s:.0f} s ({n} frames)", "< 100 KB per 1000 frames",
-                f"{growth:.0f} KB per 1000 frames, lost {r.ioc.nn.dropped + r.ioc.nn.missed}",
-                growth < 100 and r.ioc.nn.dropped + r.ioc.nn.missed == 0)
+                f"{growth:.0f} KB per 1000 frames, lost {lost}",
+                (growth < 100 and lost == 0) if n >= 10_000 else None)
         from p4p.client.thread import Context
 
         r.ioc.memory_headroom_mb = headroom = 64.0  # the guard's budget for this case
@@ -702,14 +705,16 @@ def soak_cases(m: Matrix, soak_s: float, stall_s: float) -> None:
                     stream(1.0, rate=100.0)
                     peak = max(peak, rss_mb())
                 wait(r.ioc.nn.idle)
+                r.ioc.nn_pvs.publisher.wait_empty(20)
                 n = r.ioc.nn.array_counter - n0
                 last = uid
-                ok_client = wait(lambda u=last, s=seen: bool(s) and s[-1] == u, 10)
+                ok_client = wait(lambda u=last, s=seen: bool(s) and s[-1] == u, 20)
                 grown = peak - rss0
                 m.check("soak", f"client {how} (queueSize=100000), {n} phases in "
                         f"{stall_s:.0f} s", f"IOC peak < +{2 * headroom:.0f} MB, others served",
                         f"peak +{grown:.0f} MB, {r.ioc.memory_resets - resets} guard resets, "
-                        f"other client up to date {ok_client}", grown < 2 * headroom
+                        f"other client at uid {seen[-1] if seen else None} of {last}",
+                        grown < 2 * headroom
                         and ok_client)
             finally:
                 sub.close()
