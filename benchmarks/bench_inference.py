@@ -70,8 +70,8 @@ def variants(engines: list[str]) -> list[tuple[str, dict]]:
         if cuda_available():
             out += [("torch", {"precision": "fp32", "cuda_graphs": False,
                                "channels_last": False}),
-                    ("torch", {"precision": "fp16", "cuda_graphs": False}),
-                    ("torch", {"precision": "fp16"}), ("torch", {"precision": "bf16"})]
+                    ("torch", {"precision": "bf16", "cuda_graphs": False}),
+                    ("torch", {"precision": "bf16"}), ("torch", {"precision": "fp16"})]
         else:
             out += [("torch", {"precision": "fp32"}), ("torch", {"precision": "bf16"})]
     return out

@@ -14,6 +14,7 @@ waveforms of up to 256 characters (areaDetector's convention for long status mes
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
 
@@ -24,6 +25,51 @@ log = logging.getLogger(__name__)
 
 STRING_LENGTH = 256
 
+#: (host, user) of the Channel Access client whose write is being handled (set by the
+#: access-checked data classes, read by the putter that forwards the write to the table)
+_CA_CLIENT: contextvars.ContextVar[tuple[str, str]] = contextvars.ContextVar(
+    "ca_client", default=("", ""))
+
+
+def _access_class(base: type) -> type:
+    """``base`` (a caproto pvproperty data class) with access security: the channel's rights
+    follow the table's policy for the client's host and user (a client that may not write
+    sees a read-only channel, as with EPICS access security), and a write that comes anyway
+    is refused, counted and logged."""
+    from caproto import AccessRights, Forbidden
+
+    class Checked(base):
+        def _suffix(self) -> str:
+            return self.pvspec.name
+
+        def check_access(self, hostname, username):
+            table = self.group.table
+            if table.may_write(self._suffix(), hostname or "", username or ""):
+                return AccessRights.READ | AccessRights.WRITE
+            return AccessRights.READ
+
+        async def auth_write(self, hostname, username, data, data_type, metadata, **kw):
+            if not self.group.table.allowed(self._suffix(), hostname or "", username or ""):
+                raise Forbidden(f"{username}@{hostname} may not write {self.pvname}")
+            token = _CA_CLIENT.set((hostname or "", username or ""))
+            try:
+                return await self.write_from_dbr(data, data_type, metadata,
+                                                 flags=kw.get("flags", 0))
+            finally:
+                _CA_CLIENT.reset(token)
+
+    Checked.__name__ = f"Checked{base.__name__}"
+    return Checked
+
+
+_CHECKED: dict = {}
+
+
+def _checked(base: type) -> type:
+    if base not in _CHECKED:
+        _CHECKED[base] = _access_class(base)
+    return _CHECKED[base]
+
 
 class _NoBeaconErrors(logging.Filter):
     """caproto logs a traceback per beacon when no CA repeater listens on loopback (the normal
@@ -33,25 +79,51 @@ class _NoBeaconErrors(logging.Filter):
         return not record.getMessage().startswith("Failed to send beacon")
 
 
+class _RefusedWritesInOneLine(logging.Filter):
+    """caproto logs a refused write (access security, a value out of range) as an ERROR with
+    a traceback; it is a client's mistake, not the IOC's: one WARNING line, no traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if record.getMessage().startswith("Invalid write request") and exc is not None and \
+                exc.__class__.__name__ in ("Forbidden", "ValueError", "PermissionError",
+                                           "TypeError"):
+            record.msg, record.args = "Channel Access write refused: %s", (exc,)
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            return not exc.__class__.__name__ == "Forbidden"  # access refusals: logged already
+        return True
+
+
 def _property(table: PVTable, suffix: str, spec: PVSpec):
     """One pvproperty for one scalar PV of the table."""
     from caproto import ChannelType
     from caproto.server import pvproperty
+    from caproto.server.server import (
+        PvpropertyChar,
+        PvpropertyDouble,
+        PvpropertyEnum,
+        PvpropertyInteger,
+    )
 
     value = table.get(suffix)
     kw = {"name": suffix, "doc": spec.doc, "read_only": not spec.writable,
           "alarm_group": suffix}  # an alarm per PV
+    checked = spec.writable  # writable PVs get the access-checked data class of their type
     if spec.kind == "int":
-        prop = pvproperty(value=int(value), dtype=int, units=spec.units, **kw)
+        prop = pvproperty(value=int(value), dtype=_checked(PvpropertyInteger) if checked
+                          else int, units=spec.units, **kw)
     elif spec.kind == "float":
-        prop = pvproperty(value=float(value), dtype=float, precision=spec.precision,
-                          units=spec.units, **kw)
+        prop = pvproperty(value=float(value), dtype=_checked(PvpropertyDouble) if checked
+                          else float, precision=spec.precision, units=spec.units, **kw)
     elif spec.kind == "str":
-        prop = pvproperty(value=str(value), dtype=ChannelType.CHAR, max_length=STRING_LENGTH,
+        prop = pvproperty(value=str(value), dtype=_checked(PvpropertyChar) if checked
+                          else ChannelType.CHAR, max_length=STRING_LENGTH,
                           string_encoding="utf-8", **kw)
     elif spec.kind == "enum":
-        prop = pvproperty(value=spec.choices[int(value)], dtype=ChannelType.ENUM,
-                          enum_strings=list(spec.choices), **kw)
+        prop = pvproperty(value=spec.choices[int(value)], dtype=_checked(PvpropertyEnum)
+                          if checked else ChannelType.ENUM, enum_strings=list(spec.choices),
+                          **kw)
     else:
         raise ValueError(f"{suffix} ({spec.kind}) is not a scalar")
 
@@ -60,8 +132,9 @@ def _property(table: PVTable, suffix: str, spec: PVSpec):
             if _spec.kind == "enum":
                 value = list(_spec.choices).index(value) if isinstance(value, str) else int(value)
             # hooks are quick (they set a number); run them off the loop anyway, they take locks
+            host, user = _CA_CLIENT.get()  # access already checked in auth_write
             stored = await asyncio.get_running_loop().run_in_executor(
-                None, table.write, _suffix, value)
+                None, lambda: table.write(_suffix, value, host, user))
             return _spec.choices[int(stored)] if _spec.kind == "enum" else stored
 
         prop = prop.putter(putter)
@@ -74,6 +147,7 @@ def make_group_class(table: PVTable) -> type:
 
     attrs = {suffix.replace(":", "_"): _property(table, suffix, spec)
              for suffix, spec in table.specs.items() if spec.ca}
+    attrs["table"] = table  # the access-checked data classes ask it who may write
     return type("PtychoStreamCA", (PVGroup,), attrs)
 
 
@@ -82,6 +156,7 @@ class CAMirror:
 
     def __init__(self, table: PVTable, interfaces: list[str] | None = None) -> None:
         logging.getLogger("caproto.ctx").addFilter(_NoBeaconErrors())
+        logging.getLogger("caproto.circ").addFilter(_RefusedWritesInOneLine())
         self.table = table
         self.group = make_group_class(table)(prefix=table.prefix)
         self.interfaces = interfaces

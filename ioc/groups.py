@@ -142,10 +142,13 @@ class InferencePVs(PluginPVs):
     intensity_scale = pv("NN:IntensityScale")
     min_callback_time = pv("NN:MinCallbackTime")
     missed = pv("NN:MissedArrays_RBV")
+    model_select = pv("NN:ModelSelect")
+    model_history = pv("NN:ModelHistory_RBV")
 
-    def __init__(self, table, driver, plugin, store=None) -> None:
+    def __init__(self, table, driver, plugin, store=None, store_required: bool = False) -> None:
         self.inference = plugin
         self.store = store
+        self.store_required = bool(store_required and store is not None)
         self.input_connected = False  # set by the host's input monitor
         self.publisher = PhasePublisher(table)
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="model-loader")
@@ -174,6 +177,10 @@ class InferencePVs(PluginPVs):
         data, name = value
         self._loader.submit(self.deploy, data, name, done)
 
+    @model_select.put_async
+    def model_select(self, value, done) -> None:
+        self._loader.submit(self.select, int(value), done)
+
     def post_stats(self, stats: dict) -> None:
         super().post_stats(stats)
         self.table.set("NN:MissedArrays_RBV", int(self.driver.missed))
@@ -181,54 +188,115 @@ class InferencePVs(PluginPVs):
 
     # ------------------------------------------------------------------ models
     def _next_version(self) -> int:
-        stored = self.store.current() if self.store else None
-        return max(self.inference.model_version, stored.version if stored else 0) + 1
+        """Above everything served or ever stored: versions never repeat."""
+        return max(self.inference.model_version, self.store.highest() if self.store else 0) + 1
 
     def deploy(self, data: bytes, name: str = "", done=None, version: int | None = None,
-               save: bool = True) -> bool:
-        """Validate and swap in a model (loader thread). ``done(error)`` completes a PV put."""
+               save: bool = True, note: str = "", degraded: bool = False) -> bool:
+        """Validate, store and swap in a model (loader thread). ``done(error)`` completes a PV
+        put. A model the store cannot keep serves with a MAJOR alarm, or is refused when the
+        store is required (``model_store_required``). ``note`` is added to the status, with a
+        MINOR alarm when ``degraded`` (a start-up that had to skip stored models)."""
         from ptychostream.plugins.inference import model_name_for
 
         name = model_name_for(data, name)
         self.model_status.set(f"Validating {name}", OK)
         try:
-            serving = self.inference.load_model(data, name, version or self._next_version())
+            new = self.inference.prepare_model(data, name, version or self._next_version())
         except ModelError as exc:
-            msg = f"Refused {name}: {exc}"
-            log.warning(msg)
-            self._restore_status(Alarm.of(MAJOR, msg))
-            if done:
-                done(msg)
-            return False
-        note = serving.engine.note()
-        status, alarm = f"Serving {name} (v{serving.version})" + (f"; {note}" if note else ""), OK
+            return self._refuse(f"Refused {name}: {exc}", done)
+        engine_note = new.engine.note()  # e.g. a half-precision engine's distance from fp32
+        status = f"Serving {name} (v{new.version})" + (f"; {engine_note}" if engine_note else "")
+        status, alarm = status + note, OK
+        if degraded:
+            alarm = Alarm.of(MINOR, status)
         if self.store is not None and save:
             try:
-                self.store.save(data, name, serving.version)
+                self.store.save(data, name, new.version)
             except OSError as exc:
-                status = f"{status}; NOT SAVED, a restart will not serve it: {exc}"
+                why = exc.strerror or str(exc)
+                if self.store_required:
+                    return self._refuse(f"Refused {name}: the model store cannot keep it "
+                                        f"({why}) and is required", done)
+                status = f"{status}; NOT SAVED, a restart will not serve it: {why}"
                 alarm = Alarm.of(MAJOR, status)
-        self.model_version.set(serving.version)
+                log.error(status)
+        self.inference.swap(new)
+        self.model_version.set(new.version)
         self.model_name.set(name)
-        self.engine.set(serving.engine.describe())
+        self.engine.set(new.engine.describe())
         self.model_status.set(status, alarm)
         self.driver.clear_condition("model")
+        self.post_history()
         if done:
             done(None)
         return True
+
+    def _refuse(self, msg: str, done=None) -> bool:
+        """A refused deploy or rollback: said on ModelStatus_RBV (MAJOR) and to the writer;
+        the serving model is untouched."""
+        log.warning(msg)
+        self._restore_status(Alarm.of(MAJOR, msg))
+        if done:
+            done(msg)
+        return False
+
+    def select(self, version: int, done=None) -> bool:
+        """Serve stored ``version`` again (NN:ModelSelect: a rollback), after verifying and
+        validating it as any deploy; it keeps its version number."""
+        if self.store is None:
+            return self._refuse(f"Refused rollback to v{version}: this IOC has no model "
+                                "store (start it with --model-store)", done)
+        entry = self.store.get(version)
+        if entry is None:
+            return self._refuse(f"Refused rollback to v{version}: not stored (stored: "
+                                f"{self.store.history()})", done)
+        try:
+            data = self.store.read(entry)
+        except OSError as exc:
+            return self._refuse(f"Refused rollback: {exc}", done)
+        if not self.deploy(data, entry.name, done, version=entry.version, save=False,
+                           note=" (rolled back)"):
+            return False
+        try:
+            self.store.select(entry.version)
+        except OSError as exc:
+            log.error("rollback to v%d serves, but the store could not record it: %s",
+                      entry.version, exc)
+        self.model_select.set(entry.version)
+        self.post_history()
+        log.info("rolled back to %s (v%d)", entry.name, entry.version)
+        return True
+
+    def post_history(self) -> None:
+        if self.store is not None:
+            self.model_history.set(self.store.history(self.inference.model_version))
 
     def _restore_status(self, alarm: Alarm) -> None:
         self.model_status.set(alarm.message, alarm)
 
     def load_startup_model(self, model_file: Path | None) -> None:
-        """The stored model if there is one, else ``model_file``, else none (said so)."""
-        stored = self.store.current() if self.store else None
-        if stored is not None:
-            log.info("serving stored model %s (v%d) from %s", stored.name, stored.version,
-                     stored.file)
-            if self.deploy(stored.path.read_bytes(), stored.name, version=stored.version,
-                           save=False):
+        """The newest good stored model (the current one first), else ``model_file``, else
+        none; whatever was skipped on the way is said on ModelStatus_RBV (MINOR) and logged."""
+        candidates = self.store.candidates() if self.store else []
+        skipped: list[str] = list(self.store.problems) if self.store else []
+        for entry in candidates:
+            try:
+                data = self.store.read(entry)
+            except OSError as exc:
+                skipped.append(str(exc))
+                log.warning("model store: %s", exc)
+                continue
+            log.info("serving stored model %s (v%d) from %s", entry.name, entry.version,
+                     entry.file)
+            note = f"; skipped: {'; '.join(skipped)}" if skipped else ""
+            if self.deploy(data, entry.name, version=entry.version, save=False,
+                           note=note and f" from the store{note}", degraded=bool(skipped)):
+                if skipped:
+                    self.store.select(entry.version)  # current.json names what serves
                 return
+            skipped.append(f"v{entry.version} refused: "
+                           f"{self.model_status.get().split(': ', 1)[-1]}")
         if model_file is not None:
             try:
                 data = Path(model_file).read_bytes()
@@ -240,12 +308,17 @@ class InferencePVs(PluginPVs):
                 return
             if self.deploy(data, Path(model_file).stem):
                 return
+        if skipped and self.inference.serving is None:
+            msg = f"No model loaded: the store has none that serves ({'; '.join(skipped)})"
+            log.error(msg)
+            self.model_status.set(msg[:250], Alarm.of(MAJOR, msg[:250]))
         if self.inference.serving is None:
             self.no_model()
+        self.post_history()
 
     def no_model(self) -> None:
         msg = "No model loaded"
-        if self.model_status.get().startswith(("Refused", "Cannot read")):
+        if self.model_status.get().startswith(("Refused", "Cannot read", "No model loaded: ")):
             self.driver.set_condition("model", MINOR, msg)
             return
         self.model_status.set(msg, Alarm.of(MINOR, msg, "undefined"))

@@ -127,6 +127,7 @@ class PVTable:
         self.alarms: dict[str, Alarm] = {}
         self.access = access
         self.refused_writes = 0
+        self._refusal_log = None
         self._nts: dict[str, object] = {}
         self._hooks: dict[str, PutHook] = {}
         self._async_hooks: dict[str, Callable] = {}
@@ -214,8 +215,20 @@ class PVTable:
 
     def post_frame(self, suffix: str, frame: Frame) -> None:
         """Publish an NTNDArray PV (no copy kept but the Frame)."""
-        self.values[suffix] = frame
-        self.pvs[suffix].post(to_value(frame))
+        value = to_value(frame)
+        with self._lock:
+            self.values[suffix] = frame
+            self.pvs[suffix].post(value)
+
+    def reopen(self, suffix: str) -> None:
+        """Close and reopen one PV with its current value: every subscriber is disconnected
+        (and reconnects), so what pvAccess had queued for them is freed."""
+        spec = self.specs[suffix]
+        with self._lock:
+            pv = self.pvs[suffix]
+            pv.close()
+            pv.open(self._wrap(spec, self._nts[suffix], self.values[suffix],
+                               self.alarms[suffix]))
 
     # ------------------------------------------------------------------ writes
     def on_put(self, suffix: str, hook: PutHook) -> None:
@@ -231,13 +244,28 @@ class PVTable:
     def add_listener(self, fn: Listener) -> None:
         self._listeners.append(fn)
 
+    def may_write(self, suffix: str, peer: str = "", account: str = "") -> bool:
+        """The access policy's answer, nothing counted (Channel Access rights at connect)."""
+        return self.access is None or bool(self.access(suffix, peer, account))
+
     def allowed(self, suffix: str, peer: str = "", account: str = "") -> bool:
-        """May ``account`` at ``peer`` (host:port or host) write ``suffix``? Counts refusals."""
-        if self.access is None or self.access(suffix, peer, account):
+        """May ``account`` at ``peer`` (host:port or host) write ``suffix``? Counts refusals
+        on NN:RefusedWrites_RBV and logs them, one line per writer and PV per 10 s."""
+        if self.may_write(suffix, peer, account):
             return True
-        self.refused_writes += 1
-        log.warning("write to %s%s refused: %s@%s is not allowed", self.prefix, suffix,
-                    account or "?", peer or "?")
+        from ptychostream.plugins.driver import RateLimitedLog
+
+        with self._lock:
+            self.refused_writes += 1
+            n = self.refused_writes
+            if self._refusal_log is None:
+                self._refusal_log = RateLimitedLog(log, 10.0)
+        who = f"{account or '?'}@{peer or '?'}"
+        self._refusal_log.warning(f"{who} {suffix}", f"write to {self.prefix}{suffix} refused "
+                                  f"by access security: {who} is not allowed")
+        if "NN:RefusedWrites_RBV" in self.specs:
+            self.set("NN:RefusedWrites_RBV", n, Alarm.of(MINOR, f"{n} refused writes",
+                                                         "client"))
         return False
 
     def write(self, suffix: str, value, peer: str = "", account: str = "") -> object:
@@ -249,12 +277,29 @@ class PVTable:
         if not self.allowed(suffix, peer, account):
             raise PermissionError(f"{account or '?'}@{peer or '?'} may not write "
                                   f"{self.prefix}{suffix}")
+        if suffix in self._async_hooks:  # e.g. NN:ModelSelect over CA: wait for the verdict
+            return self._write_async(suffix, value)
         hook = self._hooks.get(suffix)
         if hook is not None:
             out = hook(value)
             value = value if out is None else out
         self.set(suffix, value)
         return value
+
+    def _write_async(self, suffix: str, value, timeout: float = 120.0):
+        verdict: list = []
+        finished = threading.Event()
+
+        def done(error: str | None = None) -> None:
+            verdict.append(error)
+            finished.set()
+
+        self._async_hooks[suffix](value, done)
+        if not finished.wait(timeout):
+            raise ValueError(f"{suffix}: no verdict after {timeout:.0f} s")
+        if verdict[0]:
+            raise ValueError(verdict[0])
+        return self.values[suffix]
 
 
 class _Handler:

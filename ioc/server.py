@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import signal
 import threading
 from pathlib import Path
@@ -31,6 +32,36 @@ log = logging.getLogger(__name__)
 MONITOR_REQUEST = "record[queueSize=64]"
 #: a missing input PV is reported once after this many seconds (it keeps being searched for)
 INPUT_WARN_S = 10.0
+#: what one queued input frame may hold: a 128x128 frame of float64 (the largest the network
+#: takes); QueueSize x this must fit in ``queue_memory_mb``
+FRAME_BYTES = 128 * 128 * 8
+
+
+MINOR_ALARM = 1
+
+
+def _rss_mb() -> float:
+    """This process's resident memory (MiB), from /proc (Linux); 0 where there is none."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _trim_heap() -> None:
+    """Give freed memory back to the system (glibc keeps it otherwise)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def max_queue_for(queue_memory_mb: float) -> int:
+    """The longest input queue (frames) that ``queue_memory_mb`` MiB can hold."""
+    return max(1, int(queue_memory_mb * 2**20 // FRAME_BYTES))
 
 
 class EdgeIOC:
@@ -49,7 +80,9 @@ class EdgeIOC:
                  flush_s: float = 0.02, probe=None, refine: bool = True,
                  map_dir: str | Path | None = None, access=None, device: str | None = None,
                  engine_kwargs: dict | None = None, refine_threads: int | None = 1,
-                 stats_period_s: float = 0.25) -> None:
+                 stats_period_s: float = 0.25, model_store_required: bool = False,
+                 queue_memory_mb: float = 2048.0, memory_headroom_mb: float = 2048.0) -> None:
+        from ptychostream import codecs  # noqa: F401  (registers the NTNDArray decoders)
         from ptychostream.ioc.groups import InferencePVs, QAPVs, StitchPVs
         from ptychostream.ioc.model_store import ModelStore
         from ptychostream.ioc.pvtable import PVTable
@@ -76,11 +109,15 @@ class EdgeIOC:
                                          idle_gate=lambda: self.nn.idle())
         # the chain, built from its end: map stage, then inference feeding it
         self.stitch = PluginDriver(self.stitching, queue_size=4096, flush_s=0.0,
-                                   stats_period_s=stats_period_s)
+                                   stats_period_s=stats_period_s,
+                                   max_queue=max(4096, max_queue_for(queue_memory_mb)))
         self.nn = PluginDriver(self.inference, queue_size=queue_size, batch_size=batch_size,
                                flush_s=flush_s, decode=batch_from_values,
-                               stats_period_s=stats_period_s)
-        self.nn_pvs = InferencePVs(self.table, self.nn, self.inference, self.store)
+                               stats_period_s=stats_period_s,
+                               max_queue=max_queue_for(queue_memory_mb))
+        self.access = access
+        self.nn_pvs = InferencePVs(self.table, self.nn, self.inference, self.store,
+                                   store_required=model_store_required)
         self.stitch_pvs = StitchPVs(self.table, self.stitch, self.stitching, map_dir)
         self.qa_pvs = QAPVs(self.table)
         self.nn.sinks = [self.stitch.push_batch, self.nn_pvs.publisher]
@@ -90,6 +127,9 @@ class EdgeIOC:
 
             self.ca = CAMirror(self.table)
         self._initial_probe = probe
+        self.memory_headroom_mb = float(memory_headroom_mb)
+        self.memory_resets = 0
+        self.memory_base_mb = 0.0  # RSS the guard measures growth from (set at start)
         self._startup_load = None
         self._stop = threading.Event()
         self.input_connected = threading.Event()  # set while the input monitor has a channel
@@ -185,6 +225,11 @@ class EdgeIOC:
         self.nn.start()
         if self.store is None:
             log.warning("no model store: deployed models are not kept across restarts")
+        if self.access is None:
+            log.warning("access security off: any host and user may write every PV "
+                        "(add an [access] section to the config; see docs/ioc.md)")
+        else:
+            log.info("access security: %s", getattr(self.access, "describe", repr)())
         self._startup_load = self.nn_pvs.submit(self._startup)
         self._ctx = Context("pva", nt=False)
         self._ever_connected = False
@@ -207,9 +252,46 @@ class EdgeIOC:
             self._subs.append(self._ctx.monitor(pv, self._on_external_phase,
                                                 request=MONITOR_REQUEST))
         self._stop.clear()
+        if self.memory_headroom_mb > 0:
+            threading.Thread(target=self._guard_memory, name="ioc-memory-guard",
+                             daemon=True).start()
         log.info("edge IOC %s serving %d PVs; input %s", self.prefix, len(self.table.pvs),
                  self.input_pv or "(none)")
         return self
+
+    #: PVs whose updates are big enough for a client's pvAccess queue to matter
+    IMAGE_PVS = ("NN:Phase", "Stitch:Image", "Stitch:Amplitude", "Stitch:Probe_RBV")
+
+    def _guard_memory(self, period_s: float = 1.0) -> None:
+        """Bound the IOC's memory under any client: pvxs keeps as many updates for a
+        subscriber as its pvRequest asks (``record[queueSize=100000]``, no server-side cap) and
+        p4p cannot refuse it, so a client that stops reading grows the IOC by one image per
+        frame. Past ``memory_headroom_mb`` above the RSS at start, the image PVs are reopened:
+        their subscribers reconnect (in well under a second) and what was queued is freed."""
+        try:  # the size at start: with the start-up model loaded
+            self._startup_load.result(120)
+        except Exception:
+            pass
+        self.memory_base_mb = _rss_mb()
+        while not self._stop.wait(period_s):
+            rss, base = _rss_mb(), self.memory_base_mb
+            if rss - base <= self.memory_headroom_mb:
+                continue
+            for suffix in self.IMAGE_PVS:
+                try:
+                    self.table.reopen(suffix)
+                except Exception as exc:  # a PV that cannot reopen must not stop the guard
+                    log.error("memory guard: reopening %s failed: %r", suffix, exc)
+            self.memory_resets += 1
+            _trim_heap()
+            after = _rss_mb()
+            msg = (f"memory {rss - base:.0f} MB above start, over the {self.memory_headroom_mb:.0f}"
+                   f" MB headroom: image PV subscribers reconnected, {rss - after:.0f} MB freed "
+                   "(a client that stopped reading?)")
+            log.warning(msg)
+            self.nn.set_error(msg, MINOR_ALARM, kind="record")
+            if after - base > self.memory_headroom_mb / 2:  # not the queues: do not thrash
+                self.memory_base_mb = after
 
     def _warn_no_input(self) -> None:
         if not self._ever_connected and not self._stop.is_set():
@@ -250,11 +332,14 @@ class EdgeIOC:
 # ---------------------------------------------------------------------- CLI
 OPTIONS = ("prefix", "input", "engine", "batch_size", "model_file", "model_store", "ca",
            "queue_size", "intensity_scale", "stitch_input", "stitch_pixel", "probe", "refine",
-           "map_dir", "log_level", "loopback")
+           "map_dir", "log_level", "loopback", "model_store_required", "queue_memory_mb",
+           "memory_headroom_mb")
 DEFAULTS = {"prefix": DEFAULT_PREFIX, "input": None, "engine": "onnxruntime", "batch_size": 8,
             "model_file": None, "model_store": None, "ca": False, "queue_size": 256,
             "intensity_scale": 1.0, "stitch_input": [], "stitch_pixel": 0.0, "probe": None,
-            "refine": True, "map_dir": None, "log_level": "INFO", "loopback": False}
+            "refine": True, "map_dir": None, "log_level": "INFO", "loopback": False,
+            "model_store_required": False, "queue_memory_mb": 2048.0,
+            "memory_headroom_mb": 2048.0, "access": None}
 ENGINES = ("onnxruntime", "torch", "tensorrt")
 
 
@@ -280,7 +365,9 @@ def _check(merged: dict) -> dict:
         out[key] = v
 
     number("batch_size", int, 1, 1024)
-    number("queue_size", int, 1, 100_000)
+    number("queue_memory_mb", float, 1.0, 1024.0 * 1024)
+    number("memory_headroom_mb", float, 0.0, 1024.0 * 1024)
+    number("queue_size", int, 1, max_queue_for(out["queue_memory_mb"]))
     number("intensity_scale", float, 1e-6, 1e6)
     number("stitch_pixel", float, 0.0, 1e-3)
     if out["engine"] not in ENGINES:
@@ -288,7 +375,7 @@ def _check(merged: dict) -> dict:
     for key in ("prefix", "input", "model_file", "model_store", "probe", "map_dir"):
         if out[key] is not None and not isinstance(out[key], str):
             raise ConfigError(f"{key} must be a string, got {out[key]!r}")
-    for key in ("ca", "refine", "loopback"):
+    for key in ("ca", "refine", "loopback", "model_store_required"):
         if not isinstance(out[key], bool):
             raise ConfigError(f"{key} must be true or false, got {out[key]!r}")
     if isinstance(out["stitch_input"], str):
@@ -305,6 +392,22 @@ def _check(merged: dict) -> dict:
                 d.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise ConfigError(f"{key} {d} cannot be created: {exc.strerror or exc}") from exc
+            if not os.access(d, os.W_OK | os.X_OK):
+                raise ConfigError(f"{key} {d} is not writable by this user")
+    if out["model_store_required"] and not out["model_store"]:
+        raise ConfigError("model_store_required needs a model_store")
+    if isinstance(out["log_level"], str):
+        out["log_level"] = out["log_level"].upper()
+    if out["log_level"] not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got "
+                          f"{out['log_level']!r}")
+    if out["access"] is not None and not callable(out["access"]):
+        from ptychostream.ioc.access import AccessConfigError, AccessPolicy
+
+        try:
+            out["access"] = AccessPolicy.from_config(out["access"])
+        except AccessConfigError as exc:
+            raise ConfigError(str(exc)) from None
     return out
 
 
@@ -338,6 +441,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ca", action=argparse.BooleanOptionalAction, default=None,
                    help="Channel Access mirror of the scalar PVs (default off)")
     p.add_argument("--queue-size", type=int, help="input queue length (default 256)")
+    p.add_argument("--queue-memory-mb", type=float,
+                   help="memory the input queue may hold, MiB (default 2048): QueueSize times "
+                   "128 KiB (a float64 128x128 frame) must fit")
+    p.add_argument("--memory-headroom-mb", type=float,
+                   help="memory the IOC may grow above its start (MiB, default 2048; 0: no "
+                   "guard): past it, image PV subscribers are reconnected, freeing what "
+                   "pvAccess queued for clients that stopped reading")
+    p.add_argument("--model-store-required", action=argparse.BooleanOptionalAction,
+                   default=None, help="refuse a model the store cannot keep, instead of "
+                   "serving it unsaved with a MAJOR alarm (default off)")
     p.add_argument("--intensity-scale", type=float, help="multiply frames before inference")
     p.add_argument("--stitch-input", action="append",
                    help="extra phase NTNDArray PV to stitch (scale-out consumers); repeatable")
@@ -361,11 +474,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"config file {args.config} is not valid TOML: {exc}")
         except OSError as exc:
             p.error(f"config file {args.config}: {exc}")
+        access = conf.get("access")
         conf = conf.get("ioc", conf)
-        unknown = set(conf) - set(OPTIONS) - {"access"}
+        access = conf.get("access", access)
+        unknown = set(conf) - set(OPTIONS) - {"access", "ioc"}
         if unknown:
             p.error(f"unknown keys in {args.config}: {', '.join(sorted(unknown))}")
         merged.update({k: v for k, v in conf.items() if k != "access"})
+        merged["access"] = access
     merged.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
     try:
         merged = _check(merged)
@@ -386,11 +502,11 @@ def main(argv: list[str] | None = None) -> int:
     from ptychostream import setup_logging
 
     setup_logging(a.log_level)
-    ioc = EdgeIOC(prefix=a.prefix, input_pv=a.input, engine=a.engine, batch_size=a.batch_size,
-                  model_file=a.model_file, model_store=a.model_store, ca_mirror=a.ca,
-                  queue_size=a.queue_size, intensity_scale=a.intensity_scale,
-                  stitch_inputs=a.stitch_input, stitch_pixel_m=a.stitch_pixel, probe=a.probe,
-                  refine=a.refine, map_dir=a.map_dir)
+    try:
+        ioc = _make_ioc(a)
+    except OSError as exc:  # e.g. the model store vanished or became unreadable since the check
+        log.error("cannot start: %s", exc)
+        return 1
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
@@ -400,6 +516,17 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ioc.stop()
     return 0
+
+
+def _make_ioc(a: argparse.Namespace) -> EdgeIOC:
+    return EdgeIOC(prefix=a.prefix, input_pv=a.input, engine=a.engine, batch_size=a.batch_size,
+                  model_file=a.model_file, model_store=a.model_store, ca_mirror=a.ca,
+                  queue_size=a.queue_size, intensity_scale=a.intensity_scale,
+                  stitch_inputs=a.stitch_input, stitch_pixel_m=a.stitch_pixel, probe=a.probe,
+                  refine=a.refine, map_dir=a.map_dir, access=a.access,
+                  model_store_required=a.model_store_required,
+                  queue_memory_mb=a.queue_memory_mb,
+                  memory_headroom_mb=a.memory_headroom_mb)
 
 
 if __name__ == "__main__":

@@ -188,7 +188,9 @@ class PluginDriver:
         """(text, severity, kind): the worst standing condition, else a recent error, else OK."""
         now = time.monotonic() if now is None else now
         with self._lock:
-            worst = max(self._conditions.values(), default=None, key=lambda c: c[0])
+            # the worst; at equal severity the detector link first (it explains the rest)
+            worst = max(self._conditions.values(), default=None,
+                        key=lambda c: (c[0], c[2] == "driver"))
             ev = self._event
         if ev is not None and now - ev[2] <= self.error_hold_s and (worst is None
                                                                    or ev[0] > worst[0]):

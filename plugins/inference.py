@@ -76,25 +76,39 @@ class InferencePlugin:
     def model_name(self) -> str:
         return self._serving.name if self._serving else ""
 
-    def load_model(self, data: bytes, name: str = "", version: int | None = None) -> ServingModel:
-        """Build and validate ``data`` (ONNX or state dict), then swap it in.
-
-        Raises ModelError with the reason when it cannot serve; the old model keeps serving.
-        ``version`` defaults to the serving version + 1."""
-        from ptychostream.engines import load_engine
+    def prepare_model(self, data: bytes, name: str = "",
+                      version: int | None = None) -> ServingModel:
+        """Build and validate ``data`` (ONNX or state dict) beside the serving model, without
+        swapping it in: PtychoNN 2.0 (any architecture when ``name`` ends in
+        ``@custom``), correct on the reference batch (simulated, all-zero and saturated
+        frames) at the current intensity scale. Raises ModelError with the reason."""
+        from ptychostream.engines import CUSTOM_SUFFIX, load_engine
 
         data = bytes(data)
         name = model_name_for(data, name)
         sniff_model(data)
         with self._load_lock:
             try:
-                engine = load_engine(self.engine_name, data, **self.engine_kwargs)
+                engine = load_engine(self.engine_name, data,
+                                     allow_custom=name.endswith(CUSTOM_SUFFIX),
+                                     intensity_scale=self.intensity_scale,
+                                     **self.engine_kwargs)
             except ModelError as exc:  # keep the first line: torch appends pages of advice
                 raise ModelError(str(exc).splitlines()[0][:300]) from exc
-            new = ServingModel(engine, self.model_version + 1 if version is None else version,
-                               name)
-            self._serving = new  # the swap: batches started before it finish on the old model
-        log.info("model %s (v%d) serving on %s", name, new.version, engine.describe())
+        return ServingModel(engine, self.model_version + 1 if version is None else version,
+                            name)
+
+    def swap(self, new: ServingModel) -> None:
+        """Serve ``new`` from the next batch on: one reference assignment, so a batch runs
+        wholly on the old or wholly on the new model."""
+        self._serving = new
+        log.info("model %s (v%d) serving on %s", new.name, new.version, new.engine.describe())
+
+    def load_model(self, data: bytes, name: str = "", version: int | None = None) -> ServingModel:
+        """:meth:`prepare_model`, then :meth:`swap`. Raises ModelError with the reason when it
+        cannot serve; the old model keeps serving. ``version`` defaults to serving + 1."""
+        new = self.prepare_model(data, name, version)
+        self.swap(new)
         return new
 
     # ------------------------------------------------------------------ frames

@@ -8,6 +8,7 @@ dict. Preprocessing (the intensity scale for low-dose data) lives once, in
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ptychostream.modelfile import FRAME_SIZE, ModelError, is_onnx
+from ptychostream.modelfile import FRAME_SIZE, WIDTHS, ModelError, is_onnx
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +119,10 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 class TorchEngine(InferenceEngine):
-    """PtychoNN 2.0 in torch, near the hardware on a GPU: half precision (fp16 by default on
-    CUDA, bf16 allowed), channels_last, and one captured CUDA graph per batch size (rounded up
-    to a power of two, so partial batches replay a graph too), fed from a pinned buffer.
+    """PtychoNN 2.0 in torch, near the hardware on a GPU: half precision (bf16 by default on
+    CUDA: fp16 is a little faster but overflows at 65504, which a detector's raw counts pass),
+    channels_last, and one captured CUDA graph per batch size (rounded up to a power of two,
+    so partial batches replay a graph too), fed from a pinned buffer.
 
     On load it checks itself against fp32 on a reference batch and refuses to serve if the
     phase differs by more than ``tolerance`` rad; ``max_diff_rad`` says by how much it does.
@@ -139,7 +141,7 @@ class TorchEngine(InferenceEngine):
         self.torch = torch
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         cuda = self.device.type == "cuda"
-        self.precision = precision or ("fp16" if cuda else "fp32")
+        self.precision = precision or ("bf16" if cuda else "fp32")
         if self.precision not in PRECISIONS:
             raise ModelError(f"precision must be one of {', '.join(PRECISIONS)}, not "
                              f"{self.precision!r}")
@@ -166,7 +168,9 @@ class TorchEngine(InferenceEngine):
     def _check_against(self, fp32, tolerance: float) -> float:
         """Max |phase difference| against the fp32 model on the reference batch."""
         torch = self.torch
-        x = preprocess(reference_frames())
+        frames, labels = reference_batch()  # the physical frames: on saturated ones (2**32
+        keep = [i for i, lab in enumerate(labels) if "saturated" not in lab]  # counts) the
+        x = preprocess(frames[keep])  # phase is meaningless and precision moot
         with torch.inference_mode():
             ref = fp32(torch.from_numpy(x).to(self.device)).float()
             got = self._eager(torch.from_numpy(x).to(self.device)).float()
@@ -374,44 +378,113 @@ def make_engine(name: str, model: bytes | str | Path, **kwargs) -> InferenceEngi
     raise ValueError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}")
 
 
-def reference_frames(n: int = 4, seed: int = 0) -> np.ndarray:
-    """A fixed batch a model must handle before it serves: Poisson frames at a detector-like
-    count level with a bright centre (a far-field pattern), an all-zero frame and a saturated
-    one (float32, (n, 128, 128))."""
-    rng = np.random.default_rng(seed)
-    k = np.arange(FRAME_SIZE) - FRAME_SIZE / 2
-    rr = np.hypot(*np.meshgrid(k, k, indexing="ij"))
-    pattern = 1e4 * np.exp(-(rr / 6.0) ** 2) + 20.0
-    frames = rng.poisson(pattern, (max(n, 2), FRAME_SIZE, FRAME_SIZE)).astype(np.float32)
-    frames[-1] = 0.0
-    if n >= 3:
-        frames[-2] = 65535.0
-    return frames[:max(n, 2)]
+#: a model whose name ends so (``NN:Model``'s name field) may be another architecture than
+#: PtychoNN 2.0; it must still pass the reference batch
+CUSTOM_SUFFIX = "@custom"
+#: output beyond +-pi by more than this (rad) is not a phase
+PHASE_TOLERANCE = 1e-3
 
 
-def validate_engine(engine: InferenceEngine, batch: int = 2, seed: int = 0) -> None:
-    """Run a test batch and check shape and finiteness before a model may serve."""
-    rng = np.random.default_rng(seed)
-    frames = rng.poisson(20.0, (batch, FRAME_SIZE, FRAME_SIZE)).astype(np.float32)
+def ptychonn2_conv_shapes(widths: tuple[int, ...] = WIDTHS) -> list[tuple[int, ...]]:
+    """Conv weight shapes of PtychoNN 2.0 in graph order: its architecture's fingerprint."""
+    shapes, c = [], 1
+    for w in widths:
+        shapes += [(w, c, 3, 3), (w, w, 3, 3)]
+        c = w
+    for w in reversed(widths):
+        shapes += [(w, c, 3, 3), (w, w, 3, 3)]
+        c = w
+    return [*shapes, (1, c, 3, 3)]
+
+
+def check_architecture(onnx_bytes: bytes) -> None:
+    """Refuse an ONNX graph that is not PtychoNN 2.0: one input, one output and the conv
+    layers of PtychoNN 2.0 (shapes, in order). Exported, fixed-batch and published files pass;
+    a one-layer or two-headed network does not."""
+    import onnx
+
     try:
-        out = engine.infer(frames)
+        graph = onnx.ModelProto.FromString(onnx_bytes).graph  # external data never read
+    except Exception as exc:
+        raise ModelError(f"not a readable ONNX model: {exc.__class__.__name__}") from exc
+    init = {i.name: tuple(i.dims) for i in graph.initializer}
+    for node in graph.node:  # weights given as Constant nodes (some exporters do)
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and a.t is not None:
+                    init.setdefault(node.output[0], tuple(a.t.dims))
+    inputs = [i for i in graph.input if i.name not in init]
+    if len(inputs) != 1 or len(graph.output) != 1:
+        raise ModelError(f"not PtychoNN 2.0: {len(inputs)} inputs and {len(graph.output)} "
+                         f"outputs, expected 1 and 1 (name it '...{CUSTOM_SUFFIX}' to allow "
+                         "another architecture)")
+    convs = [init.get(n.input[1]) if len(n.input) > 1 else None
+             for n in graph.node if n.op_type == "Conv"]
+    expected = ptychonn2_conv_shapes()
+    if convs != expected:
+        raise ModelError(f"not PtychoNN 2.0: {len(convs)} conv layers "
+                         f"{'of other shapes ' if len(convs) == len(expected) else ''}"
+                         f"where PtychoNN 2.0 has {len(expected)} (name it "
+                         f"'...{CUSTOM_SUFFIX}' to allow another architecture)")
+
+
+@functools.cache
+def reference_batch() -> tuple[np.ndarray, tuple[str, ...]]:
+    """The fixed batch every model must pass before it serves, and what each frame is:
+    simulated diffraction frames (mostly zero pixels, as real ones), an all-zero frame, a frame
+    saturated at a 16-bit full well and one at a 32-bit counter's maximum."""
+    from ptychostream.simulation import simulate_scan
+
+    sim = simulate_scan(n_positions=4, step_m=100e-9, seed=11).frames.astype(np.float32)
+    shape = (1, FRAME_SIZE, FRAME_SIZE)
+    frames = np.concatenate([sim, np.zeros(shape, np.float32),
+                             np.full(shape, 65535.0, np.float32),
+                             np.full(shape, 2.0**32 - 1, np.float32)])
+    labels = (*(f"simulated frame {i + 1}" for i in range(len(sim))), "all-zero frame",
+              "frame saturated at 65535", "frame saturated at 2**32-1")
+    frames.setflags(write=False)
+    return frames, labels
+
+
+def validate_engine(engine: InferenceEngine, intensity_scale: float = 1.0) -> None:
+    """Run the reference batch (:func:`reference_batch`) and refuse a model whose output on
+    any of its frames is not a finite phase image of the right shape: within +-pi."""
+    frames, labels = reference_batch()
+    n = len(frames)
+    try:
+        out = np.asarray(engine.infer(frames, intensity_scale))
     except ModelError:
         raise
     except Exception as exc:
-        raise ModelError(f"test batch failed: {exc.__class__.__name__}: {exc}") from exc
-    if out.shape != (batch, FRAME_SIZE, FRAME_SIZE):
-        raise ModelError(f"output shape {out.shape} is not ({batch}, 128, 128)")
-    if not np.isfinite(out).all():
-        raise ModelError("output is not finite on the test batch")
+        raise ModelError(f"reference batch failed: {exc.__class__.__name__}: "
+                         f"{str(exc).splitlines()[0][:200]}") from exc
+    if out.shape != (n, FRAME_SIZE, FRAME_SIZE):
+        raise ModelError(f"output shape {out.shape} is not ({n}, 128, 128)")
+    flat = out.reshape(n, -1)
+    finite = np.isfinite(flat).all(axis=1)
+    if not finite.all():
+        bad = [labels[i] for i in np.nonzero(~finite)[0]]
+        raise ModelError(f"output is not finite on the {', '.join(bad)}")
+    peak = np.abs(flat).max(axis=1)
+    over = peak > np.pi + PHASE_TOLERANCE
+    if over.any():
+        i = int(np.argmax(peak))
+        raise ModelError(f"output is not a phase: {peak[i]:.3g} rad on the {labels[i]} "
+                         "(expected within +-pi)")
 
 
-def load_engine(name: str, model: bytes | str | Path, **kwargs) -> InferenceEngine:
-    """make_engine + validate_engine: the one way a model reaches service."""
+def load_engine(name: str, model: bytes | str | Path, allow_custom: bool = False,
+                intensity_scale: float = 1.0, **kwargs) -> InferenceEngine:
+    """The one way a model reaches service: PtychoNN 2.0 (unless ``allow_custom``), built by
+    make_engine, and correct on the reference batch at ``intensity_scale``."""
+    data = Path(model).read_bytes() if isinstance(model, str | Path) else bytes(model)
+    if data and not allow_custom and is_onnx(data):
+        check_architecture(data)
     try:
-        engine = make_engine(name, model, **kwargs)
+        engine = make_engine(name, data, **kwargs)
     except ModelError:
         raise
     except Exception as exc:
         raise ModelError(f"{exc.__class__.__name__}: {exc}") from exc
-    validate_engine(engine)
+    validate_engine(engine, intensity_scale)
     return engine

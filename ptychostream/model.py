@@ -16,11 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ptychostream.modelfile import FRAME_SIZE, ModelError, is_onnx
+from ptychostream.modelfile import FRAME_SIZE, WIDTHS, ModelError, is_onnx
 
 log = logging.getLogger(__name__)
 
-WIDTHS = (16, 32, 64, 128)
 
 
 def _conv_pair(c_in: int, c_out: int) -> list[nn.Module]:

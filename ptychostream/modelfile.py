@@ -4,6 +4,8 @@ raises, and telling ONNX from a PyTorch file. The IOC's start-up and ``--help`` 
 from __future__ import annotations
 
 FRAME_SIZE = 128
+#: PtychoNN 2.0's encoder widths (the decoder mirrors them): the published architecture
+WIDTHS = (16, 32, 64, 128)
 
 
 class ModelError(ValueError):

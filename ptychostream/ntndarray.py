@@ -91,6 +91,8 @@ CODECS: dict = {}
 
 def _raw_array(value) -> np.ndarray:
     """The flat pixel array of an NTNDArray Value, decompressed when a codec says so."""
+    if not CODECS:
+        import ptychostream.codecs  # noqa: F401  (registers areaDetector's codecs)
     try:
         codec = value["codec.name"] or ""
     except (KeyError, TypeError, AttributeError):

@@ -66,6 +66,13 @@ PVS: dict[str, PVSpec] = {
         PVSpec("NN:ModelName_RBV", "str", initial="", doc="name of the model serving"),
         PVSpec("NN:ModelStatus_RBV", "str", initial="No model loaded",
                doc="model state, or why the last model was refused (with alarm)"),
+        PVSpec("NN:ModelSelect", "int", True, 0,
+               "write a stored model's version to serve it again (rollback); the put "
+               "completes when it validated; reads back the version selected"),
+        PVSpec("NN:ModelHistory_RBV", "str", initial="",
+               doc="stored models, newest first: '*v5 name | v4 name | ...' (* serving)"),
+        PVSpec("NN:RefusedWrites_RBV", "int",
+               doc="writes to any PV of this IOC refused by access security (see docs/ioc.md)"),
         PVSpec("NN:BatchSize", "int", True, 8, "frames per engine call"),
         PVSpec("NN:IntensityScale", "float", True, 1.0, "multiplies frames before inference (low dose)"),
         PVSpec("NN:Engine_RBV", "str", initial="", doc="onnxruntime, tensorrt or torch"),

@@ -145,8 +145,10 @@ def test_load_engine_refuses_wrong_shapes_and_junk():
     buf = io.BytesIO()
     torch.onnx.export(_Half(), (torch.zeros(1, 1, 128, 128),), buf, dynamo=False,
                       input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "b"}})
-    with pytest.raises(ModelError, match="output shape"):
+    with pytest.raises(ModelError, match="not PtychoNN 2.0"):
         load_engine("onnxruntime", buf.getvalue())
+    with pytest.raises(ModelError, match="output shape"):  # another architecture, allowed
+        load_engine("onnxruntime", buf.getvalue(), allow_custom=True)
     with pytest.raises(ModelError):
         load_engine("onnxruntime", b"\x00\x01garbage")
     with pytest.raises(ModelError, match="empty"):
@@ -161,7 +163,7 @@ def test_torch_engine_checks_reduced_precision_against_fp32():
 
     import torch
 
-    from ptychostream.engines import TorchEngine, reference_frames
+    from ptychostream.engines import TorchEngine, reference_batch
     from ptychostream.model import ModelError, PtychoNN2, state_dict_bytes
 
     torch.manual_seed(0)
@@ -170,7 +172,7 @@ def test_torch_engine_checks_reduced_precision_against_fp32():
     assert 0 < plain.max_diff_rad <= 0.01 and "bf16" in plain.note()
     fp32 = TorchEngine(state_dict_bytes(net), device="cpu")
     assert fp32.precision == "fp32" and fp32.note() == "" and "fp32" in fp32.describe()
-    x = reference_frames()
+    x = reference_batch()[0][:5]  # the physical frames (simulated and all-zero)
     np.testing.assert_allclose(plain.infer(x), fp32.infer(x), atol=0.01)
 
     # the same function computed as a small difference of large numbers: bf16 cannot hold it

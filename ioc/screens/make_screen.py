@@ -150,6 +150,8 @@ def build() -> screen.Screen:
         ("Version", "NN:ModelVersion_RBV"), ("Name", "NN:ModelName_RBV"),
         ("Status", "NN:ModelStatus_RBV"), ("Engine", "NN:Engine_RBV"),
         ("SSIM vs iterative", "QA:SSIM"), ("Loop decision", "QA:Decision"),
+        ("Stored models", "NN:ModelHistory_RBV"), ("Roll back to v", "NN:ModelSelect"),
+        ("Refused writes", "NN:RefusedWrites_RBV"),
     ], 10, top)
     plugin_rows = [("Enable", "EnableCallbacks"), ("Rate (Hz)", "ArrayRate_RBV"),
                    ("Processed", "ArrayCounter_RBV"), ("Dropped", "DroppedArrays_RBV"),
