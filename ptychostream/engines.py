@@ -85,6 +85,7 @@ class OnnxRuntimeEngine(InferenceEngine):
                  spinning: bool | None = None):
         import onnxruntime as ort
 
+        ort.disable_telemetry_events()  # it looked up a vendor's host from every process
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if threads:
