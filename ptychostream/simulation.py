@@ -402,6 +402,7 @@ class ExperimentConfig:
     sample_kind: str = "train"
     phase_max: float | None = None  # None: the W film's phase at energy_ev
     feature_m: float = 200e-9
+    fill: float = 0.3  # film fraction the random training pattern aims at
     position_jitter_m: float = 2e-9  # real positions are off-grid
     position_error_m: float = 0.0  # rms per axis of recorded (encoder) minus true positions
     seed: int = 0
@@ -540,7 +541,7 @@ def simulate_scan(cfg: ExperimentConfig | None = None, noise: bool = True, devic
                            if cfg.position_error_m > 0 else 0.0)
     shape, origin = map_geometry(true_pos, dx, n, margin_px=8)
     phase = make_sample(shape, dx, cfg.sample_kind, cfg.film_phase_rad, cfg.feature_m,
-                        seed=cfg.seed + 1, energy_ev=cfg.energy_ev)
+                        seed=cfg.seed + 1, energy_ev=cfg.energy_ev, fill=cfg.fill)
     obj = transmission(phase, cfg.energy_ev)
 
     device = _default_device(device)
@@ -626,7 +627,7 @@ def iter_pairs(
         k = min(pairs_per_map, n_pairs - done)
         sample_seed = TRAINING_SEED_BASE + 1000 * int(seed) + m
         phase = make_sample((map_px, map_px), dx, cfg.sample_kind, cfg.film_phase_rad,
-                            cfg.feature_m, seed=sample_seed, energy_ev=cfg.energy_ev)
+                            cfg.feature_m, seed=sample_seed, energy_ev=cfg.energy_ev, fill=cfg.fill)
         sample = _TorchSample(transmission(phase, cfg.energy_ev), phase, (0.0, 0.0), dx, device)
         pos = rng.uniform(margin * dx, (map_px - margin) * dx, (k, 2))
         if np.isscalar(photons):
