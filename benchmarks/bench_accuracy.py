@@ -344,11 +344,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", help="folder for one PNG per case (truth | live AI | refined | iterative)")
     ap.add_argument("--quick", action="store_true", help="small scans, few iterations (2 CPU cores, ~1 min)")
     ap.add_argument("--cases", default="a,b,c,d,e", help="which of a,b,c,d,e")
-    ap.add_argument("--positions", type=int, help="positions per scan (default 963; quick 40)")
+    ap.add_argument("--positions", type=int, help="positions per scan (default 963; quick 32)")
     ap.add_argument("--overlaps", type=float, nargs="+", default=list(SWEEP), help="sweep (e)")
-    ap.add_argument("--iterations", type=int, help="pty-chi iterations (default 50, quick 4; 0: no iterative rows)")
-    ap.add_argument("--cal-positions", type=int, help="calibration scan positions (default 400, quick 60)")
-    ap.add_argument("--cal-iterations", type=int, help="calibration iterations (default 100, quick 8)")
+    ap.add_argument("--iterations", type=int, help="pty-chi iterations (default 50, quick 3; 0: no iterative rows)")
+    ap.add_argument("--cal-positions", type=int, help="calibration scan positions (default 400, quick 40)")
+    ap.add_argument("--cal-iterations", type=int, help="calibration iterations (default 100, quick 5)")
     ap.add_argument("--position-error-nm", type=float, default=15.0, help="rms encoder error per axis")
     ap.add_argument("--ideal", action="store_true", help="true probe and exact positions (inverse crime)")
     ap.add_argument("--refine-passes", type=int, default=1)
@@ -359,10 +359,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed-offset", type=int, default=0, help="added to every scan's seed")
     args = ap.parse_args(argv)
     q = args.quick
-    args.positions = args.positions or (40 if q else 963)
-    args.iterations = args.iterations if args.iterations is not None else (4 if q else 50)
-    args.cal_positions = args.cal_positions or (60 if q else 400)
-    args.cal_iterations = args.cal_iterations or (8 if q else 100)
+    args.positions = args.positions or (32 if q else 963)
+    args.iterations = args.iterations if args.iterations is not None else (3 if q else 50)
+    args.cal_positions = args.cal_positions or (40 if q else 400)
+    args.cal_iterations = args.cal_iterations or (5 if q else 100)
     if args.ideal:
         args.position_error_nm = 0.0
     return args
