@@ -13,7 +13,6 @@ whether the next scan trains, is only checked, or costs no HPC time at all.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -24,7 +23,7 @@ from pathlib import Path
 from bluesky import plan_stubs as bps
 from bluesky.utils import FailedStatus
 
-from ptychostream.bluesky_plans.plans import spiral_ptycho_scan
+from ptychostream.bluesky_plans.plans import ptycho_scan, spiral_ptycho_scan
 from ptychostream.hpc import (
     ContinualPolicy,
     corpus_append,
@@ -66,22 +65,51 @@ class ContinualLearner:
 
 
 # --------------------------------------------------------------------------- plan stubs
-def remote(executor: Executor, fn: Callable, *args, **kwargs):
+def remote(executor: Executor, fn: Callable, *args, poll: float = 0.2, **kwargs):
     """Run ``fn(*args, **kwargs)`` on the executor; the RunEngine stays responsive meanwhile.
 
-    Returns the function's result (re-raises its exception); None in a dry run
-    (summarize_plan, check_limits), where nothing is submitted."""
+    Waits with a checkpoint every ``poll`` s, so one Ctrl-C pauses the plan within ``poll`` s
+    (RunEngine pause semantics: ``RE.resume()`` goes on waiting for the same task,
+    ``RE.abort()``/``RE.stop()`` cancel it and stop a local worker that runs it). Returns the
+    function's result (re-raises its exception); None in a dry run (summarize_plan,
+    check_limits), where nothing is submitted."""
     name = getattr(fn, "__name__", str(fn))
+    box: dict = {}
 
-    async def submit_and_wait():
-        log.info("%s submitted", name)
-        t0 = time.perf_counter()
-        result = await asyncio.wrap_future(executor.submit(fn, *args, **kwargs))
-        log.info("%s done in %.1f s", name, time.perf_counter() - t0)
-        return result
+    def submit():
+        if "future" not in box:  # a replayed message (resume after a hard pause) submits once
+            log.info("%s submitted", name)
+            box["future"] = executor.submit(fn, *args, **kwargs)
+            box["t0"] = time.perf_counter()
+        return box["future"]
 
-    tasks = yield from bps.wait_for([submit_and_wait])
-    return tasks[0].result() if tasks else None
+    future = yield from call(submit)
+    if future is None:  # dry run
+        return None
+    finished = False
+    try:
+        while not future.done():
+            yield from bps.checkpoint()
+            yield from bps.sleep(poll)
+        finished = True
+    finally:
+        if not finished:  # aborted, stopped or closed while the task runs
+            _cancel(executor, future, name)
+    log.info("%s done in %.1f s", name, time.perf_counter() - box["t0"])
+    return future.result()
+
+
+def _cancel(executor: Executor, future, name: str) -> None:
+    """Cancel a task whose plan was aborted; a local worker that already runs it is stopped."""
+    if future.cancel():
+        log.info("%s cancelled", name)
+        return
+    terminate = getattr(executor, "terminate", None)
+    if terminate is not None:
+        log.info("%s interrupted: stopping its local worker", name)
+        terminate()
+    else:  # a remote endpoint (Globus Compute): the task finishes there, its result is dropped
+        log.info("%s left to finish on its endpoint; its result will be ignored", name)
 
 
 def call(fn: Callable, *args, **kwargs):
@@ -145,7 +173,7 @@ def learn_from_scan(learner: ContinualLearner, scan_path: str | Path, ioc=None,
     record["decisions"].append(decision and decision.to_dict())
     yield from report_decision(ioc, decision)
     if decision is not None and decision.action == SUSPEND:
-        yield from call(learner.history.append, record)
+        yield from _finish_round(learner, record, ioc)
         return record
 
     yield from call(work.mkdir, parents=True, exist_ok=True)
@@ -164,7 +192,7 @@ def learn_from_scan(learner: ContinualLearner, scan_path: str | Path, ioc=None,
             record["decisions"].append(decision and decision.to_dict())
             yield from report_decision(ioc, decision)
     if decision is not None and decision.action != TRAIN:
-        yield from call(learner.history.append, record)
+        yield from _finish_round(learner, record, ioc)
         return record
 
     labels = yield from remote(ex, make_labels, scan_path, recon, str(work / f"{stem}.labels.h5"))
@@ -183,8 +211,36 @@ def learn_from_scan(learner: ContinualLearner, scan_path: str | Path, ioc=None,
     else:
         log.info("new model (SSIM %.3f) is no better than the serving one (%.3f): kept serving",
                  new_ssim, serving_ssim)
-    yield from call(learner.history.append, record)
+    yield from _finish_round(learner, record, ioc)
     return record
+
+
+def round_summary(record: dict) -> str:
+    """One line for the console: what the round deployed, the SSIMs, the decision and why."""
+    def f(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    last = (record.get("decisions") or [None])[-1] or {}
+    version = record.get("model_version")
+    served = "" if version is None else f"serving v{version}" + (
+        f" ({record['model_name']})" if record.get("model_name") else "")
+    deployed = "deployed a new model" if record.get("deployed") else "kept the model"
+    return (f"round {record['scan_id']}: {deployed}; {served or 'no IOC'}; "
+            f"QA:SSIM {f(record.get('qa_ssim'))} (serving {f(record.get('serving_ssim'))}, "
+            f"new {f(record.get('new_ssim'))}); decision {last.get('action', '-')}: "
+            f"{last.get('reason', 'dry run')}")
+
+
+def _finish_round(learner: ContinualLearner, record: dict, ioc):
+    """Record what the IOC serves now, say it on the console, keep the record."""
+    if ioc is not None:
+        record["model_version"] = yield from bps.rd(ioc.nn.model_version, default_value=None)
+        record["model_name"] = yield from bps.rd(ioc.nn.model_name, default_value=None)
+        record["qa_ssim"] = yield from bps.rd(ioc.qa.ssim, default_value=None)
+    else:
+        record["qa_ssim"] = record["new_ssim"] if record.get("deployed") else record["serving_ssim"]
+    yield from call(log.info, "%s", round_summary(record))
+    yield from call(learner.history.append, record)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -193,8 +249,9 @@ def continual_learning_plan(detector, stage, learner: ContinualLearner, scans: S
     """Scan after scan, each followed by :func:`learn_from_scan`. Returns the records.
 
     ``scans``: keyword arguments of :func:`~ptychostream.bluesky_plans.plans.spiral_ptycho_scan`
-    for each scan (n_points, step or overlap, exposure, center, scan_name, ...). With the
-    simulated detector a scan may also name ``sample=(kind, seed)``, the features it sees.
+    for each scan (n_points, step or overlap, exposure, center, scan_name, ...), or of
+    :func:`~ptychostream.bluesky_plans.plans.ptycho_scan` when it gives ``positions`` (a route,
+    (N, 2) m). With the simulated detector a scan may also name ``sample=(kind, seed)``.
     """
     records = []
     for i, spec in enumerate(scans):
@@ -210,8 +267,12 @@ def continual_learning_plan(detector, stage, learner: ContinualLearner, scans: S
                 raise ValueError(f"scan {i}: give file_path= (where {detector.name} writes the "
                                  "scan file the HPC side reads)")
             file_path = Path(detector.write_dir) / f"{scan_name}.h5"
-        yield from spiral_ptycho_scan(detector, stage, ioc=ioc, scan_name=scan_name,
-                                      file_path=file_path, **spec)
+        if "positions" in spec:  # a given route
+            yield from ptycho_scan(detector, stage, spec.pop("positions"), ioc=ioc,
+                                   scan_name=scan_name, file_path=file_path, **spec)
+        else:
+            yield from spiral_ptycho_scan(detector, stage, ioc=ioc, scan_name=scan_name,
+                                          file_path=file_path, **spec)
         record = yield from learn_from_scan(learner, file_path, ioc, scan_id=scan_name)
         records.append(record)
     return records

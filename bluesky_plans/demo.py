@@ -223,19 +223,15 @@ class _Docs:
         base = [d["data"] for s, d in run["events"] if s == "baseline"]
         t = [d["time"] for d in primary]
         start = run["start"]
-        first, last = (base[0], base[-1]) if base else ({}, {})
-
-        def lost(b):
-            return sum(int(b.get(k, 0) or 0) for k in (
-                "ioc_nn_dropped_arrays", "ioc_nn_bad_arrays",
-                "ioc_stitch_dropped_arrays", "ioc_stitch_bad_arrays"))
+        last = base[-1] if base else {}
 
         return {
             "name": start["scan_name"], "frames": len(primary), "step_nm": start["step_m"] * 1e9,
             "overlap": start["overlap"], "scan_file": start["scan_file"],
             "detector_hz": (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 and t[-1] > t[0] else 0.0,
             "ioc_frames": int(last.get("ioc_stitch_num_frames", 0) or 0),
-            "drops": lost(last) - lost(first) if base else 0,
+            # frames the detector sent that never reached the live map
+            "drops": len(primary) - int(last.get("ioc_stitch_num_frames", 0) or 0) if base else 0,
             "model_version": int(last.get("ioc_nn_model_version", 0) or 0),
             "ioc_ms_per_frame": float(last.get("ioc_nn_execution_time", 0.0) or 0.0),
         }
@@ -283,9 +279,14 @@ def run_demo(out_dir: str | Path = "demo-output", quick: bool = False, prefix: s
                             seed=cfg.seed)
     det.acquire_time.put(cfg.exposure_s)
     det.open()
+    # the very first scan's probe comes from the simulation; later ones from HPC reconstructions
     server = EdgeIOCServer(prefix=prefix, input_pv=det.pv_name.get(), ca_mirror=True,
+                           probe=det.probe,
                            batch_size=cfg.ioc_batch_size)
     server.start()
+    from ptychostream.bluesky_plans.session import _quiet_requested_aborts
+
+    _quiet_requested_aborts()  # Ctrl-C aborts the demo: not an error, no traceback
     RE = RunEngine({})
     bec = BestEffortCallback()
     bec.disable_plots()
@@ -409,8 +410,9 @@ def run_demo(out_dir: str | Path = "demo-output", quick: bool = False, prefix: s
 def _terminate_workers(executor) -> None:
     """Stop a local pool's worker now (a reconstruction may run for minutes); a remote
     executor's tasks are left to finish on their endpoint."""
-    for proc in list(getattr(executor, "_processes", {}).values()):
-        proc.terminate()
+    terminate = getattr(executor, "terminate", None)
+    if terminate is not None:
+        terminate()
 
 
 def _set_sample(det, kind: str, seed: int, text: str = ""):

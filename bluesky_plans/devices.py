@@ -30,7 +30,7 @@ from ophyd.utils import LimitError
 
 from ptychostream.geometry import crop_at, map_geometry
 from ptychostream.pvnames import PVS, pvname
-from ptychostream.scanfile import ScanData, write_scan
+from ptychostream.scanfile import ScanData, median_step, write_scan
 from ptychostream.simulation import ExperimentConfig, frames_at, make_probe, make_sample
 
 log = logging.getLogger(__name__)
@@ -41,12 +41,22 @@ UNITS_PER_M = {"m": 1.0, "mm": 1e3, "um": 1e6, "µm": 1e6, "micron": 1e6, "nm": 
 
 # --------------------------------------------------------------------------- stage
 class SimMotor(SynAxis):
-    """A simulated axis with soft limits, checked like an ``EpicsMotor``'s (``check_value``)."""
+    """A simulated axis with soft limits, checked like an ``EpicsMotor``'s (``check_value``).
 
-    def __init__(self, *, name: str, limits: tuple[float, float] = (-20e-6, 20e-6),
-                 egu: str = "m", **kwargs) -> None:
-        super().__init__(name=name, egu=egu, **kwargs)
+    ``limits`` are in the axis' own units ``egu``; ``precision`` (decimals) and ``egu`` reach
+    the event descriptors, so the live table shows positions as an EPICS motor's would."""
+
+    def __init__(self, *, name: str, limits: tuple[float, float] = (-20.0, 20.0),
+                 egu: str = "um", precision: int = 3, **kwargs) -> None:
+        super().__init__(name=name, egu=egu, precision=precision, **kwargs)
         self._limits = (float(limits[0]), float(limits[1]))
+
+    def describe(self) -> dict:
+        desc = super().describe()
+        for key in desc:
+            desc[key].setdefault("units", self.egu)
+            desc[key].setdefault("precision", self.precision)
+        return desc
 
     @property
     def limits(self) -> tuple[float, float]:
@@ -67,7 +77,7 @@ class SimMotor(SynAxis):
             raise ValueError(f"{self.name}: target {value!r} is not a number")
         if low < high and not (low <= value <= high):
             raise LimitError(f"{self.name}: {value:g} {self.egu} is outside the limits "
-                             f"[{low:g}, {high:g}]")
+                             f"[{low:g}, {high:g}] {self.egu}")
 
     def set(self, value: float):  # noqa: A003  (ophyd's name)
         self.check_value(value)
@@ -98,7 +108,9 @@ class _StageMixin:
 
 
 class SimSpiralStage(_StageMixin, Device):
-    """Two simulated axes in metres, limits +-20 um by default (``limits=`` to change)."""
+    """Two simulated axes in micrometres (precision 1 nm), as a nanoprobe's piezo stage reads.
+
+    ``limits`` (m, like every length a plan takes): +-20 um by default."""
 
     x = Cpt(SimMotor)
     y = Cpt(SimMotor)
@@ -107,7 +119,9 @@ class SimSpiralStage(_StageMixin, Device):
                  **kwargs) -> None:
         super().__init__(name=name, **kwargs)
         if limits is not None:
-            self.x._limits = self.y._limits = (float(limits[0]), float(limits[1]))
+            scale = self.units_per_m()
+            self.x._limits = self.y._limits = (float(limits[0]) * scale,
+                                               float(limits[1]) * scale)
 
 
 class EpicsSpiralStage(_StageMixin, Device):
@@ -128,13 +142,14 @@ class SimPtychoDetector(Device):
     Each frame is published on ``pv_name`` as an NTNDArray with attributes PosX, PosY (m) and
     PixelSize (object pixel, m), uniqueIds counting up across scans as an areaDetector's do.
     On unstage the frames, positions, metadata and the ground truth are written to
-    ``file_path`` (HDF5, :mod:`ptychostream.scanfile`). The sample (``sample_kind``,
+    ``file_path`` (HDF5, :mod:`ptychostream.scanfile`). ``det_total_counts`` is the hinted
+    field: over a scan's two position axes the live plot is a transmission map. The sample (``sample_kind``,
     ``sample_seed``, ``sample_text``) is configuration, so a plan can move to unseen features.
     Features fill ``field_of_view_m`` square around the origin; size it to the scans.
     """
 
-    unique_id = Cpt(Signal, value=0, kind="hinted")
-    total_counts = Cpt(Signal, value=0.0, kind="normal")
+    unique_id = Cpt(Signal, value=0, kind="normal")
+    total_counts = Cpt(Signal, value=0.0, kind="hinted")  # the live plot: a transmission map
     pos_x = Cpt(Signal, value=0.0, kind="normal")
     pos_y = Cpt(Signal, value=0.0, kind="normal")
     acquire_time = Cpt(Signal, value=0.4, kind="config")
@@ -207,6 +222,14 @@ class SimPtychoDetector(Device):
 
             self._publisher = FramePublisher(self.pv_name.get(), open_empty=True)
 
+    def has_subscriber(self) -> bool:
+        """Whether any client (the IOC) monitors the frame PV: frames sent before would be lost."""
+        return self._publisher is not None and self._publisher.subscribed
+
+    def next_unique_ids(self, n: int) -> np.ndarray:
+        """The uniqueIds of the next ``n`` frames (planned positions are matched by them)."""
+        return np.arange(self._next_uid, self._next_uid + int(n), dtype=np.int64)
+
     # -- ophyd protocol
     def stage(self):
         self._ensure_sample()
@@ -258,7 +281,7 @@ class SimPtychoDetector(Device):
             frames=np.stack(self._frames), positions_m=positions, energy_ev=self.cfg.energy_ev,
             detector_distance_m=self.cfg.detector_distance_m,
             detector_pixel_size_m=self.cfg.detector_pixel_m, object_pixel_size_m=self.pixel_m,
-            step_m=_median_step(positions), exposure_s=float(self.acquire_time.get()),
+            step_m=median_step(positions), exposure_s=float(self.acquire_time.get()),
             scan_id=scan_id, beam_fwhm_m=self.cfg.beam_fwhm_m,
             unique_ids=np.asarray(self._uids, np.int64), probe=self.probe,
             truth_phase=self.phase, truth_origin_m=self.origin_m,
@@ -274,16 +297,6 @@ class SimPtychoDetector(Device):
         if self._publisher is not None:
             self._publisher.close()
             self._publisher = None
-
-
-def _median_step(positions_m: np.ndarray) -> float:
-    """Median nearest-neighbour distance: the scan's step size as measured, not as planned."""
-    if len(positions_m) < 2:
-        return 0.0
-    from scipy.spatial import cKDTree
-
-    dist, _ = cKDTree(positions_m).query(positions_m, k=2)
-    return float(np.median(dist[:, 1]))
 
 
 # --------------------------------------------------------------------------- edge IOC
@@ -405,7 +418,8 @@ class EdgeIOC(Device):
     def _put_positions(self, positions_m) -> None:
         from ptychostream.ioc.client import put_positions
 
-        put_positions(self.prefix, np.asarray(positions_m, np.float64))
+        uids = getattr(positions_m, "unique_ids", None)  # plans.PositionTable carries them
+        put_positions(self.prefix, np.asarray(positions_m, np.float64), unique_ids=uids)
 
     def stitched(self) -> np.ndarray:
         """The live stitched map (NaN where nothing was stitched); ``.attrib`` has its origin."""

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import multiprocessing
 import os
+import signal
+import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -72,21 +74,87 @@ def resolve_endpoint_id(endpoint_id: str | None = None, config_path: str | Path 
     return _check_uuid(value, "[compute] endpoint_id") if value else None
 
 
+def _worker_init() -> None:
+    """Worker start-up: a terminal's Ctrl-C (sent to the whole process group) is the caller's to
+    handle, not the worker's; and a worker ends when its caller dies (no orphans, Linux)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):  # no libc prctl: the pool's own shutdown still applies
+            pass
+
+
+class LocalExecutor(concurrent.futures.Executor):
+    """The local process pool: safe to create at module level and to interrupt.
+
+    A loky pool (well-kept, the one joblib uses): its workers are fresh interpreters (no
+    inherited EPICS or torch threads, no fork after threads started) that do not re-import the
+    caller's ``__main__``, so a script without an ``if __name__ == "__main__"`` guard runs once,
+    not once more per worker. Workers start at the first ``submit`` and ignore SIGINT;
+    :meth:`terminate` stops a running task now (an aborted plan) and the next ``submit`` starts
+    a fresh pool. Hand-written part: only this lazy start / kill-and-restart wrapper.
+    """
+
+    def __init__(self, max_workers: int = 1) -> None:
+        if int(max_workers) < 1:
+            raise ValueError(f"max_workers must be at least 1, got {max_workers!r}")
+        self.max_workers = int(max_workers)
+        self._pool = None
+        self._lock = threading.Lock()
+        self._shutdown = False
+
+    def _get_pool(self):
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot submit to a LocalExecutor after shutdown")
+            if self._pool is None:
+                from loky import ProcessPoolExecutor
+
+                self._pool = ProcessPoolExecutor(max_workers=self.max_workers,
+                                                 initializer=_worker_init)
+            return self._pool
+
+    def submit(self, fn, /, *args, **kwargs) -> concurrent.futures.Future:
+        return self._get_pool().submit(fn, *args, **kwargs)
+
+    def terminate(self) -> None:
+        """Kill the workers now (running tasks fail, pending ones are cancelled); a later
+        ``submit`` starts a new pool."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            log.info("stopping the local HPC worker(s)")
+            pool.shutdown(wait=True, kill_workers=True)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._shutdown = True
+            pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        if cancel_futures:  # what is still queued will not run; a running task is killed
+            pool.shutdown(wait=wait, kill_workers=True)
+        else:
+            pool.shutdown(wait=wait)
+
+
 def get_executor(
     endpoint_id: str | None = None, config_path: str | None = None, max_workers: int = 1
 ) -> concurrent.futures.Executor:
-    """A Globus Compute executor for the configured endpoint, else a local process pool.
+    """A Globus Compute executor for the configured endpoint, else a :class:`LocalExecutor`.
 
-    The local pool uses the "spawn" start method: each worker is a fresh interpreter (no
-    inherited EPICS or torch threads), so a reconstruction's process-wide torch settings never
-    leak into the caller. ``max_workers`` 1 keeps HPC jobs from competing for a small machine.
+    Local workers are fresh interpreters, so a reconstruction's process-wide torch settings
+    never leak into the caller; ``max_workers`` 1 keeps HPC jobs from competing for a small
+    machine. Safe to call at module level of a script (workers do not re-run it).
     """
     eid = resolve_endpoint_id(endpoint_id, config_path)
     if eid is None:
         log.info("HPC functions run locally (process pool, %d worker(s))", max_workers)
-        return concurrent.futures.ProcessPoolExecutor(
-            max_workers=max_workers, mp_context=multiprocessing.get_context("spawn")
-        )
+        return LocalExecutor(max_workers=max_workers)
     from globus_compute_sdk import Executor
 
     log.info("HPC functions run on Globus Compute endpoint %s", eid)

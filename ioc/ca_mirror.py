@@ -3,8 +3,12 @@
 A caproto ``PVGroup`` is generated from the PV table (same names), runs on its own asyncio loop
 in a thread of the IOC process and stays in sync both ways: a CA write goes through the same
 hook as a pvAccess write (so it is validated once), and every change on the pvAccess side is
-written to the CA PV with its alarm. String PVs are CHAR waveforms of up to 256 characters
-(areaDetector's convention for long status messages; ``caget -S`` shows them as text).
+written to the CA PV with its alarm: the same severity, and the CA status that
+``ptychostream.ioc.pvtable.ALARM_STATUS`` pairs with the pvAccess status (CA has no alarm
+message; a status PV's text is its value). Each PV has an alarm of its own (caproto shares one
+per group unless told otherwise, which made one PV's alarm show on all). String PVs are CHAR
+waveforms of up to 256 characters (areaDetector's convention for long status messages;
+``caget -S`` shows them as text).
 """
 
 from __future__ import annotations
@@ -13,8 +17,7 @@ import asyncio
 import logging
 import threading
 
-from ptychostream.epics_env import use_loopback
-from ptychostream.ioc.pvtable import PVTable
+from ptychostream.ioc.pvtable import Alarm, PVTable
 from ptychostream.pvnames import PVSpec
 
 log = logging.getLogger(__name__)
@@ -36,11 +39,13 @@ def _property(table: PVTable, suffix: str, spec: PVSpec):
     from caproto.server import pvproperty
 
     value = table.get(suffix)
-    kw = {"name": suffix, "doc": spec.doc, "read_only": not spec.writable}
+    kw = {"name": suffix, "doc": spec.doc, "read_only": not spec.writable,
+          "alarm_group": suffix}  # an alarm per PV
     if spec.kind == "int":
         prop = pvproperty(value=int(value), dtype=int, units=spec.units, **kw)
     elif spec.kind == "float":
-        prop = pvproperty(value=float(value), dtype=float, precision=3, units=spec.units, **kw)
+        prop = pvproperty(value=float(value), dtype=float, precision=spec.precision,
+                          units=spec.units, **kw)
     elif spec.kind == "str":
         prop = pvproperty(value=str(value), dtype=ChannelType.CHAR, max_length=STRING_LENGTH,
                           string_encoding="utf-8", **kw)
@@ -76,7 +81,6 @@ class CAMirror:
     """Serves the table's scalars over CA from a background thread; ``stop()`` ends it."""
 
     def __init__(self, table: PVTable, interfaces: list[str] | None = None) -> None:
-        use_loopback()
         logging.getLogger("caproto.ctx").addFilter(_NoBeaconErrors())
         self.table = table
         self.group = make_group_class(table)(prefix=table.prefix)
@@ -106,6 +110,9 @@ class CAMirror:
 
             async def started(_async_lib) -> None:
                 self._ready.set()
+                for suffix, alarm in list(self.table.alarms.items()):  # alarms raised before
+                    if alarm.severity and self.table.specs[suffix].ca:
+                        self._on_change(suffix, self.table.get(suffix), alarm)
 
             await ctx.run(startup_hook=started)
 
@@ -119,7 +126,7 @@ class CAMirror:
             self._ready.set()
             self._loop.close()
 
-    def _on_change(self, suffix: str, value, severity: int, message: str) -> None:
+    def _on_change(self, suffix: str, value, alarm: Alarm) -> None:
         """A change on the pvAccess side: write it to the CA PV (thread-safe hand-over)."""
         loop = self._loop
         if loop is None or loop.is_closed() or not self._ready.is_set():
@@ -135,11 +142,13 @@ class CAMirror:
         elif spec.kind == "str":
             value = str(value)[:STRING_LENGTH - 1]
 
+        severity = AlarmSeverity(alarm.severity)
+        status = AlarmStatus[alarm.ca_status]
+
         async def write() -> None:
-            if pv.value == value and pv.alarm.severity == severity:
+            if pv.value == value and pv.alarm.severity == severity and pv.alarm.status == status:
                 return
-            await pv.write(value, verify_value=False, severity=AlarmSeverity(severity),
-                           status=AlarmStatus.NO_ALARM if severity == 0 else AlarmStatus.STATE)
+            await pv.write(value, verify_value=False, severity=severity, status=status)
 
         try:
             asyncio.run_coroutine_threadsafe(write(), loop)

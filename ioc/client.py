@@ -13,8 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ptychostream.epics_env import use_loopback
-from ptychostream.model import ModelError
+from ptychostream.modelfile import ModelError
 from ptychostream.pvnames import pvname
 
 log = logging.getLogger(__name__)
@@ -24,7 +23,7 @@ ORIGIN_X, ORIGIN_Y, PIXEL_SIZE, NUM_FRAMES = "OriginX", "OriginY", "PixelSize", 
 
 
 def _context():
-    use_loopback()
+    """A pvAccess client context on the host's EPICS environment (EPICS_PVA_*)."""
     from p4p.client.thread import Context
 
     return Context("pva", nt=False)
@@ -58,6 +57,23 @@ def deploy_model(prefix: str, data: bytes, name: str = "", timeout: float = 30.0
     return version
 
 
+def deploy_probe(prefix: str, data: bytes, name: str = "", timeout: float = 30.0) -> str:
+    """Put a probe (.npy bytes, or an HDF5 reconstruction/scan file's bytes) to
+    ``$(P)Stitch:Probe`` and wait for the verdict. Returns ``Stitch:ProbeStatus_RBV``; raises
+    :class:`~ptychostream.refine.ProbeError` with the IOC's reason when it is refused."""
+    from p4p.client.thread import RemoteError
+
+    from ptychostream.refine import ProbeError
+
+    with _context() as ctx:
+        try:
+            ctx.put(pvname(prefix, "Stitch:Probe"), model_put_value(data, name), timeout=timeout,
+                    wait=True)
+        except RemoteError as exc:
+            raise ProbeError(str(exc)) from exc
+        return str(ctx.get(pvname(prefix, "Stitch:ProbeStatus_RBV"), timeout=timeout).value)
+
+
 def put_positions(prefix: str, positions_m: np.ndarray | Sequence[Sequence[float]],
                   unique_ids: Sequence[int] | None = None, timeout: float = 5.0) -> None:
     """Write planned beam positions (N, 2) x, y in metres to ``$(P)Stitch:Positions``.
@@ -83,7 +99,6 @@ def get_stitched(prefix: str, timeout: float = 5.0) -> np.ndarray:
 
     The returned array is p4p's ``ntndarray`` (an ndarray subclass); its ``.attrib`` dict holds
     ``OriginX``/``OriginY`` (m, centre of pixel [0, 0]), ``PixelSize`` (m) and ``NumFrames``."""
-    use_loopback()
     from p4p.client.thread import Context
 
     with Context("pva") as ctx:
@@ -99,7 +114,6 @@ def stitched_geometry(image: np.ndarray) -> tuple[tuple[float, float], float]:
 def get(prefix: str, suffix: str, timeout: float = 5.0):
     """Value of one PV of the table: p4p's augmented int/float/str/ndarray, which also carries
     ``.severity`` and ``.timestamp`` (``.raw`` is the full Value)."""
-    use_loopback()
     from p4p.client.thread import Context
 
     with Context("pva") as ctx:

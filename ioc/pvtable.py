@@ -1,9 +1,19 @@
-"""The PV table (``ptychostream.pvnames.PVS``) served as p4p SharedPVs with normative types.
+"""The PV table (``ptychostream.pvnames.PVS``) served as p4p SharedPVs with normative types,
+and the groups that give each PV its behaviour, declared beside it.
 
 Scalars are NTScalar with display/control/alarm fields (units and alarms show in Phoebus),
-choices are NTEnum, images NTNDArray, the positions table NTTable, the model PV a ubyte array
-with a ``name`` field. ``set()`` posts a value (with alarm), ``on_put()`` routes client writes
-to the IOC; listeners (the Channel Access mirror) see every change.
+choices are NTEnum, images NTNDArray, the positions table NTTable, byte writes (models, probes)
+a ubyte array with a ``name`` field. ``PVTable.set()`` posts a value with its :class:`Alarm`;
+listeners (the Channel Access mirror) see every change, alarm included.
+
+A :class:`PVGroup` declares the PVs it serves with :func:`pv` and their write handlers with
+``@x.put`` (caproto's ``pvproperty`` / p4p's ``@pv.put`` style)::
+
+    class StitchPVs(PluginPVs):
+        reset = pv("Stitch:Reset")
+
+        @reset.put
+        def reset(self, value: int) -> int: ...
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -22,10 +33,46 @@ log = logging.getLogger(__name__)
 
 NO_ALARM, MINOR, MAJOR, INVALID = 0, 1, 2, 3
 
+#: why an alarm is raised -> (pvAccess alarm.status, Channel Access STAT). One table, so both
+#: protocols say the same thing: pvAccess DEVICE/DRIVER/RECORD/UNDEFINED/CLIENT, CA
+#: STATE/COMM/SOFT/UDF/WRITE (epicsAlarmCondition).
+ALARM_STATUS = {
+    "none": (0, "NO_ALARM"),
+    "device": (1, "STATE"),   # the IOC's processing: refused model or probe, bad frames
+    "driver": (2, "COMM"),    # the detector link: not connected, disconnected
+    "record": (3, "SOFT"),    # a value out of its sensible range
+    "undefined": (6, "UDF"),  # nothing to show yet (no model, no probe)
+    "client": (7, "WRITE"),   # a client's write was refused
+}
+
+
+@dataclass(frozen=True)
+class Alarm:
+    """Severity (NO_ALARM/MINOR/MAJOR/INVALID), why (a key of ALARM_STATUS), message."""
+
+    severity: int = NO_ALARM
+    kind: str = "none"
+    message: str = ""
+
+    @property
+    def pva_status(self) -> int:
+        return ALARM_STATUS[self.kind][0] if self.severity else 0
+
+    @property
+    def ca_status(self) -> str:
+        return ALARM_STATUS[self.kind][1] if self.severity else "NO_ALARM"
+
+    @classmethod
+    def of(cls, severity: int, message: str = "", kind: str = "device") -> Alarm:
+        return cls(int(severity), kind if severity else "none", message if severity else "")
+
+
+OK = Alarm()
+
 POSITION_COLUMNS = [("x", "d"), ("y", "d"), ("uniqueId", "i")]
 
 PutHook = Callable[[object], object]
-Listener = Callable[[str, object, int, str], None]
+Listener = Callable[[str, object, Alarm], None]
 
 
 def _nt_for(spec: PVSpec):
@@ -63,17 +110,23 @@ def plain(spec: PVSpec, value):
 
 
 class PVTable:
-    """SharedPVs for every PV of the table under ``prefix``; values kept as plain python."""
+    """SharedPVs for every PV of the table under ``prefix``; values kept as plain python.
+
+    ``access``: a callable (suffix, peer, account) -> bool deciding who may write (see
+    :mod:`ptychostream.ioc.access`); refused writes are counted in ``refused_writes``."""
 
     def __init__(self, prefix: str, specs: Mapping[str, PVSpec] = PVS,
-                 initial: Mapping[str, object] | None = None) -> None:
+                 initial: Mapping[str, object] | None = None,
+                 access: Callable[[str, str, str], bool] | None = None) -> None:
         from p4p.server.thread import SharedPV
 
         self.prefix = prefix
         self.specs = dict(specs)
         self.pvs: dict[str, SharedPV] = {}
         self.values: dict[str, object] = {}
-        self.alarms: dict[str, tuple[int, str]] = {}
+        self.alarms: dict[str, Alarm] = {}
+        self.access = access
+        self.refused_writes = 0
         self._nts: dict[str, object] = {}
         self._hooks: dict[str, PutHook] = {}
         self._async_hooks: dict[str, Callable] = {}
@@ -85,10 +138,10 @@ class PVTable:
             self._nts[suffix] = nt
             pv = SharedPV(handler=_Handler(self, suffix))
             value = initial.get(suffix, spec.initial)
-            pv.open(self._wrap(spec, nt, value))
+            pv.open(self._wrap(spec, nt, value, OK))
             self.pvs[suffix] = pv
             self.values[suffix] = value
-            self.alarms[suffix] = (NO_ALARM, "")
+            self.alarms[suffix] = OK
 
     # ------------------------------------------------------------------ serving
     def provider(self) -> dict:
@@ -98,18 +151,20 @@ class PVTable:
     def name(self, suffix: str) -> str:
         return self.prefix + suffix
 
-    def _wrap(self, spec: PVSpec, nt, value, severity: int = 0, message: str = ""):
-        kw = {"severity": severity, "message": message, "timestamp": time.time()}
+    def _wrap(self, spec: PVSpec, nt, value, alarm: Alarm):
+        kw = {"severity": alarm.severity, "message": alarm.message, "timestamp": time.time()}
         if spec.kind in ("int", "float", "str"):
             v = nt.wrap(value, **kw)
+            v["alarm.status"] = alarm.pva_status
             v["display.description"] = spec.doc[:100]
             if spec.units:
                 v["display.units"] = spec.units
             if spec.kind == "float":
-                v["display.precision"] = 3
+                v["display.precision"] = spec.precision
             return v
         if spec.kind == "enum":
             v = nt.wrap({"index": int(value), "choices": list(spec.choices)}, **kw)
+            v["alarm.status"] = alarm.pva_status
             v["display.description"] = spec.doc[:100]
             return v
         if spec.kind == "ntndarray":
@@ -128,6 +183,7 @@ class PVTable:
         if spec.kind == "bytes":
             data, name = value if isinstance(value, tuple) else (b"", "")
             v = nt.wrap({"value": np.frombuffer(data, np.uint8), "name": name}, **kw)
+            v["alarm.status"] = alarm.pva_status
             return v
         raise ValueError(spec.kind)
 
@@ -135,25 +191,24 @@ class PVTable:
     def get(self, suffix: str):
         return self.values[suffix]
 
-    def set(self, suffix: str, value, severity: int | None = None, message: str | None = None,
-            force: bool = False) -> None:
-        """Post ``value`` (and alarm, if given) when it changed; notify listeners."""
+    def set(self, suffix: str, value, alarm: Alarm | None = None, force: bool = False) -> None:
+        """Post ``value`` (and ``alarm``; None keeps the PV's current one) when either changed;
+        notify listeners."""
         spec = self.specs[suffix]
         with self._lock:
             old_alarm = self.alarms[suffix]
-            alarm = (old_alarm[0] if severity is None else severity,
-                     old_alarm[1] if message is None else message)
+            alarm = old_alarm if alarm is None else alarm
             if not force and spec.kind in ("int", "float", "str", "enum") and \
                     self.values[suffix] == value and alarm == old_alarm:
                 return
             self.values[suffix] = value
             self.alarms[suffix] = alarm
-            self.pvs[suffix].post(self._wrap(spec, self._nts[suffix], value, *alarm))
+            self.pvs[suffix].post(self._wrap(spec, self._nts[suffix], value, alarm))
             listeners = list(self._listeners)
         if spec.ca:
             for fn in listeners:
                 try:
-                    fn(suffix, value, alarm[0], alarm[1])
+                    fn(suffix, value, alarm)
                 except Exception:  # a mirror failing must not stop the IOC
                     log.exception("listener failed for %s", suffix)
 
@@ -176,12 +231,24 @@ class PVTable:
     def add_listener(self, fn: Listener) -> None:
         self._listeners.append(fn)
 
-    def write(self, suffix: str, value) -> object:
-        """A client write of a plain value: run the hook, then store and post. Returns the value
-        stored; raises ValueError (or PermissionError for a read-only PV)."""
+    def allowed(self, suffix: str, peer: str = "", account: str = "") -> bool:
+        """May ``account`` at ``peer`` (host:port or host) write ``suffix``? Counts refusals."""
+        if self.access is None or self.access(suffix, peer, account):
+            return True
+        self.refused_writes += 1
+        log.warning("write to %s%s refused: %s@%s is not allowed", self.prefix, suffix,
+                    account or "?", peer or "?")
+        return False
+
+    def write(self, suffix: str, value, peer: str = "", account: str = "") -> object:
+        """A client write of a plain value: check access, run the hook, then store and post.
+        Returns the value stored; raises ValueError or PermissionError."""
         spec = self.specs[suffix]
         if not spec.writable:
             raise PermissionError(f"{self.prefix}{suffix} is read-only")
+        if not self.allowed(suffix, peer, account):
+            raise PermissionError(f"{account or '?'}@{peer or '?'} may not write "
+                                  f"{self.prefix}{suffix}")
         hook = self._hooks.get(suffix)
         if hook is not None:
             out = hook(value)
@@ -191,7 +258,7 @@ class PVTable:
 
 
 class _Handler:
-    """p4p put handler of one PV: unwraps the Value, runs the table's hook, completes the op."""
+    """p4p put handler of one PV: unwraps the Value, checks access, runs the table's hook."""
 
     def __init__(self, table: PVTable, suffix: str) -> None:
         self.table, self.suffix = table, suffix
@@ -199,21 +266,125 @@ class _Handler:
     def put(self, pv, op) -> None:
         table, suffix = self.table, self.suffix
         spec = table.specs[suffix]
+        peer, account = _peer(op)
         try:
             value = plain(spec, op.value())
         except Exception as exc:
             op.done(error=f"cannot read the value written to {suffix}: {exc}")
             return
         if suffix in table._async_hooks:
+            if not spec.writable or not table.allowed(suffix, peer, account):
+                op.done(error=f"{account or '?'}@{peer or '?'} may not write {suffix}")
+                return
+
             def done(error: str | None = None) -> None:
                 op.done(error=error) if error else op.done()
 
             table._async_hooks[suffix](value, done)
             return
         try:
-            table.write(suffix, value)
+            table.write(suffix, value, peer, account)
         except (ValueError, PermissionError, TypeError) as exc:
             log.warning("write to %s refused: %s", suffix, exc)
             op.done(error=str(exc))
             return
         op.done()
+
+
+def _peer(op) -> tuple[str, str]:
+    """(peer host:port, account) of a p4p server operation (empty when p4p cannot say)."""
+    try:
+        peer = op.peer() or ""
+    except Exception:
+        peer = ""
+    try:
+        account = op.account() or ""
+    except Exception:
+        account = ""
+    return str(peer), str(account)
+
+
+# --------------------------------------------------------------------------- groups
+class pv:  # noqa: N801  (lower case, as caproto's pvproperty)
+    """Declares that a group serves PV ``suffix`` of the table (``{plugin}`` is the group's
+    plugin name); ``@x.put`` attaches a write handler ``fn(self, value) -> value to store``,
+    ``@x.put_async`` one that completes later, ``fn(self, value, done)``."""
+
+    def __init__(self, suffix: str) -> None:
+        self.template = suffix
+        self.putter: Callable | None = None
+        self.async_putter: Callable | None = None
+        self.attr = ""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.attr = name
+
+    def suffix(self, group: PVGroup) -> str:
+        return self.template.format(plugin=getattr(group, "plugin", ""))
+
+    def put(self, fn: Callable) -> pv:
+        self.putter = fn
+        return self
+
+    def put_async(self, fn: Callable) -> pv:
+        self.async_putter = fn
+        return self
+
+    def __get__(self, group, owner=None):
+        if group is None:
+            return self
+        return BoundPV(group.table, self.suffix(group))
+
+
+class BoundPV:
+    """One PV of a group instance: ``.get()``, ``.set(value, alarm)``, ``.post(frame)``."""
+
+    __slots__ = ("table", "suffix")
+
+    def __init__(self, table: PVTable, suffix: str) -> None:
+        self.table, self.suffix = table, suffix
+
+    def get(self):
+        return self.table.get(self.suffix)
+
+    def set(self, value, alarm: Alarm | None = None) -> None:
+        self.table.set(self.suffix, value, alarm)
+
+    def post(self, frame: Frame) -> None:
+        self.table.post_frame(self.suffix, frame)
+
+
+class PVGroup:
+    """A set of PVs and their behaviour; binds its ``pv`` declarations to the table."""
+
+    plugin = ""
+
+    def __init__(self, table: PVTable) -> None:
+        self.table = table
+        for klass in reversed(type(self).__mro__):
+            for decl in vars(klass).values():
+                if not isinstance(decl, pv):
+                    continue
+                suffix = decl.suffix(self)
+                if suffix not in table.specs:
+                    raise KeyError(f"{type(self).__name__}.{decl.attr}: {suffix} is not in "
+                                   "the PV table (ptychostream.pvnames)")
+                if decl.putter is not None:
+                    table.on_put(suffix, decl.putter.__get__(self))
+                if decl.async_putter is not None:
+                    table.on_put_async(suffix, decl.async_putter.__get__(self))
+
+
+def in_range(kind: type, name: str, lo: float | None = None, hi: float | None = None):
+    """A converter that refuses values outside [lo, hi] (and NaN) with a clear message."""
+
+    def check(v):
+        try:
+            v = kind(v)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{name} must be a {kind.__name__}, got {v!r}") from exc
+        if not np.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise ValueError(f"{name} must be in [{lo}, {hi}], got {v}")
+        return v
+
+    return check

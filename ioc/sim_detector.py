@@ -6,6 +6,10 @@ PosX/PosY (m) and PixelSize (object pixel, m) the IOC's stitcher uses.
 
     ptychostream-sim-detector --pv 13SIM1:Pva1:Image --n-positions 200 --rate 100
     ptychostream-sim-detector --pv 13SIM1:Pva1:Image --scan-file scan.h5 --repeat 0
+    ptychostream-sim-detector --pv 13SIM1:Pva1:Image --positions-file route.csv --loopback
+
+The detector follows the host's EPICS environment (EPICS_PVAS_*), as any IOC does;
+``--loopback`` keeps it on 127.0.0.1 (tests, demos, a laptop).
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ptychostream.epics_env import use_loopback
+from ptychostream.epics_env import pva_server_conf
 from ptychostream.ntndarray import Frame, ntndarray_type, to_value
-from ptychostream.scanfile import ScanData
+from ptychostream.scanfile import ScanData, load_positions, median_step
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +38,35 @@ class FramePublisher:
     """
 
     def __init__(self, pv_name: str, open_empty: bool = True) -> None:
-        use_loopback()
         from p4p.server import Server
         from p4p.server.thread import SharedPV
 
         self.pv_name = pv_name
         self.count = 0
+        self.subscribed = False  # a client has the channel open (frames sent now reach it)
         self._lock = threading.Lock()
-        self._pv = SharedPV()
+        self._pv = SharedPV(handler=self)
         if open_empty:
             self._pv.open(to_value(Frame(np.zeros((0, 0), np.uint32))))
-        self._server = Server(providers=[{pv_name: self._pv}])
+        self._server = Server(providers=[{pv_name: self._pv}], conf=pva_server_conf(),
+                              useenv=True)
         log.debug("FramePublisher serving %s", pv_name)
+
+    # p4p SharedPV handler: who is listening
+    def onFirstConnect(self, pv) -> None:
+        self.subscribed = True
+        log.debug("%s: first client connected", self.pv_name)
+
+    def onLastDisconnect(self, pv) -> None:
+        self.subscribed = False
+        log.debug("%s: last client disconnected", self.pv_name)
+
+    def wait_for_subscriber(self, timeout: float = 10.0) -> bool:
+        """Wait until a client (the IOC) has the channel open; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while not self.subscribed and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.subscribed
 
     @staticmethod
     def frame_type():
@@ -156,36 +177,89 @@ class SimDetector:
         self.publisher.close()
 
 
+def simulate_route(positions_m: np.ndarray, seed: int = 0, sample_kind: str = "train",
+                   scan_id: str = "route", noise: bool = True) -> ScanData:
+    """A simulated scan along a given route (beam positions (N, 2) x, y in m): the frames a
+    real scan route would give, with the core forward model and sample."""
+    from ptychostream.geometry import crop_at, map_geometry
+    from ptychostream.scanfile import check_positions
+    from ptychostream.simulation import ExperimentConfig, frames_at, make_probe, make_sample
+
+    cfg = ExperimentConfig(seed=seed, sample_kind=sample_kind, n_positions=len(positions_m))
+    dx, n = cfg.object_pixel_m, cfg.frame_size
+    positions = check_positions(positions_m, dx, cfg.beam_fwhm_m, what="route")
+    rng = np.random.default_rng(seed)
+    probe = make_probe(n, dx, cfg.energy_ev, cfg.beam_fwhm_m)
+    shape, origin = map_geometry(positions, dx, n, margin_px=8)
+    phase = make_sample(shape, dx, cfg.sample_kind, cfg.phase_max, cfg.feature_m, seed=seed + 1)
+    obj = np.exp(1j * phase.astype(np.float64))
+    frames = frames_at(obj, origin, dx, probe, positions, cfg.photons_per_frame,
+                       rng if noise else None)
+    return ScanData(
+        frames=frames, positions_m=positions, energy_ev=cfg.energy_ev,
+        detector_distance_m=cfg.detector_distance_m, detector_pixel_size_m=cfg.detector_pixel_m,
+        object_pixel_size_m=dx, step_m=median_step(positions), exposure_s=cfg.exposure_s,
+        scan_id=scan_id, beam_fwhm_m=cfg.beam_fwhm_m, probe=probe, truth_phase=phase,
+        truth_origin_m=origin, truth_crops=crop_at(phase, positions, origin, dx, n),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: stream a simulated or recorded scan as NTNDArray frames."""
-    use_loopback()
-    from ptychostream import setup_logging
-
     p = argparse.ArgumentParser(prog="ptychostream-sim-detector", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pv", default="13SIM1:Pva1:Image", help="NTNDArray PV to publish")
-    p.add_argument("--scan-file", help="stream this HDF5 scan file instead of a simulation")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--scan-file", help="stream this HDF5 scan file instead of a simulation")
+    src.add_argument("--positions-file",
+                     help="simulate along this route: .csv (columns x, y; header optional) or "
+                          ".npy (N, 2), beam positions in --positions-units")
+    p.add_argument("--positions-units", default="m", choices=["m", "mm", "um", "nm"],
+                   help="units of --positions-file (default m)")
     p.add_argument("--n-positions", type=int, default=963, help="simulation: scan positions")
     p.add_argument("--step", type=float, default=50e-9, help="simulation: step size (m)")
     p.add_argument("--seed", type=int, default=0, help="simulation: random seed")
-    p.add_argument("--sample", default="train", help="simulation: sample kind")
+    p.add_argument("--sample", default="test",
+                   help="simulation: test (letters, the default), train (random features), mixed")
+    p.add_argument("--write-scan", metavar="PATH",
+                   help="also write the scan (frames, positions, probe, truth) to this HDF5 file, "
+                   "e.g. for ptychostream-ioc --probe PATH")
     p.add_argument("--rate", type=float, default=100.0, help="frames/s (<= 0: as fast as possible)")
     p.add_argument("--repeat", type=int, default=1, help="passes over the scan (0: forever)")
     p.add_argument("--start-delay", type=float, default=1.0,
                    help="seconds to wait before the first frame, so monitors can connect")
+    p.add_argument("--loopback", action="store_true",
+                   help="serve on 127.0.0.1 only (sets the EPICS_* variables not already set)")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
+    if args.loopback:
+        from ptychostream.epics_env import use_loopback
+
+        use_loopback()
+    from ptychostream import setup_logging
+    from ptychostream.scanfile import ScanFileError
+
     setup_logging(args.log_level)
+    try:
+        if args.scan_file:
+            from ptychostream.scanfile import read_scan
 
-    if args.scan_file:
-        from ptychostream.scanfile import read_scan
+            scan = read_scan(args.scan_file)
+        elif args.positions_file:
+            route = load_positions(args.positions_file, units=args.positions_units)
+            scan = simulate_route(route, seed=args.seed, sample_kind=args.sample)
+        else:
+            from ptychostream.simulation import simulate_scan
 
-        scan = read_scan(args.scan_file)
-    else:
-        from ptychostream.simulation import simulate_scan
+            scan = simulate_scan(n_positions=args.n_positions, step_m=args.step, seed=args.seed,
+                                 sample_kind=args.sample)
+        if args.write_scan:
+            from ptychostream.scanfile import write_scan
 
-        scan = simulate_scan(n_positions=args.n_positions, step_m=args.step, seed=args.seed,
-                             sample_kind=args.sample)
+            write_scan(args.write_scan, scan)
+    except (ScanFileError, OSError) as exc:
+        log.error("%s", exc)
+        return 2
     det = SimDetector(args.pv, scan, rate=args.rate, repeat=args.repeat)
     try:
         time.sleep(max(0.0, args.start_delay))

@@ -1,24 +1,31 @@
 """PluginDriver: what areaDetector's NDPluginDriver does for every plugin, in one place.
 
 A bounded input queue (``push`` never blocks: a full queue counts a drop), a worker thread that
-takes up to ``batch_size`` arrays (a partial batch goes after ``flush_s``, so the last frames of
-a scan are not held back), per-frame checks (malformed arrays are counted, the stream goes on),
-the plugin's ``process`` and a sink for its outputs, and the counters behind the plugin PVs.
+takes whole batches (raw frames are gathered up to ``batch_size``, a partial batch goes after
+``flush_s``, so the last frames of a scan are not held back), the plugin's ``process`` on the
+batch, and the hand-over of its output to the next stage: data flows one way, each stage
+passing its batch to the sinks after it. Frames a plugin cannot use are dropped and counted
+with their reason (``FrameBatch.drop``), and the stream goes on.
 
-A plugin is any object with ``name``, ``check(frame) -> Frame`` (raise FrameError for a
-malformed array) and ``process(frames) -> list[Frame]``; it knows nothing of its host.
+Status reflects the state now: persistent conditions (no model, input disconnected) stand until
+cleared; a transient error (a bad frame) shows for ``error_hold_s``. Repeated problems are
+logged as one line per ``log_period_s`` with a count, never one line per frame.
+
+A plugin is any object with ``name`` and ``process(batch) -> FrameBatch`` (optionally
+``idle() -> bool``: work for when the queue is empty, True if it did some); it knows nothing of
+its host.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ptychostream.ntndarray import Frame
+from ptychostream.batch import FrameBatch
 
 log = logging.getLogger(__name__)
 
@@ -36,36 +43,79 @@ class NotReady(RuntimeError):
 class Plugin(Protocol):
     name: str
 
-    def check(self, frame: Frame) -> Frame: ...
+    def process(self, batch: FrameBatch) -> FrameBatch: ...
 
-    def process(self, frames: list[Frame]) -> list[Frame]: ...
+
+class RateLimitedLog:
+    """One WARNING for the first of a kind of problem, then one summary per ``period_s``."""
+
+    def __init__(self, logger: logging.Logger, period_s: float = 10.0) -> None:
+        self.logger, self.period_s = logger, period_s
+        self._last: dict[str, float] = {}
+        self._count: collections.Counter = collections.Counter()
+        self._lock = threading.Lock()
+
+    def first(self, kind: str) -> bool:
+        """True the first time ``kind`` is seen (e.g. to log one traceback, not hundreds)."""
+        with self._lock:
+            if kind in self._last:
+                return False
+            self._last[kind] = time.monotonic() - self.period_s
+            return True
+
+    def warning(self, kind: str, message: str, n: int = 1) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(kind)
+            self._count[kind] += n
+            if last is not None and now - last < self.period_s:
+                return
+            count = self._count.pop(kind)
+            self._last[kind] = now
+        more = f" ({count} in the last {self.period_s:.0f} s)" if last is not None else ""
+        self.logger.warning("%s%s", message, more)
 
 
 class PluginDriver:
     """Hosts one plugin: queue, batching worker thread, counters, status with alarm severity.
 
-    ``decode`` turns what ``push`` receives (e.g. a p4p Value) into a Frame in the worker, so the
-    producer's callback stays cheap; a decode failure counts as a malformed array.
-    """
+    ``decode(items) -> FrameBatch`` turns raw frames that ``push`` received (e.g. p4p Values)
+    into a batch in the worker, so the producer's callback stays cheap. ``sinks`` receive every
+    output batch (the next stage's ``push_batch``, a publisher). ``on_stats(stats)`` is called
+    from the worker at most every ``stats_period_s``."""
 
-    def __init__(self, plugin: Plugin, sink: Callable[[list[Frame]], None] | None = None,
+    def __init__(self, plugin: Plugin, sinks: list[Callable[[FrameBatch], Any]] | None = None,
                  queue_size: int = 256, batch_size: int = 1, flush_s: float = 0.02,
-                 decode: Callable[[Any], Frame] | None = None, error_hold_s: float = 5.0) -> None:
+                 decode: Callable[[list], FrameBatch] | None = None,
+                 error_hold_s: float = 5.0, stats_period_s: float = 0.25,
+                 on_stats: Callable[[dict], None] | None = None, log_period_s: float = 10.0,
+                 max_queue: int = 100_000) -> None:
         self.plugin = plugin
-        self.sink = sink
+        self.name = getattr(plugin, "name", "plugin")
+        self.sinks = list(sinks or [])
         self.decode = decode
         self.batch_size = max(1, int(batch_size))
         self.flush_s = flush_s
         self.error_hold_s = error_hold_s
+        self.stats_period_s = stats_period_s
+        self.on_stats = on_stats
+        self.max_queue = int(max_queue)
         self.enabled = True
-        self._q: queue.Queue = queue.Queue(maxsize=max(1, int(queue_size)))
-        self._lock = threading.Lock()
+        self._log = RateLimitedLog(log, log_period_s)
+        self._cv = threading.Condition()
+        self._items: collections.deque = collections.deque()  # raw frames or FrameBatches
+        self._queued = 0  # frames waiting
+        self._queue_size = max(1, int(queue_size))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._busy = False
+        self._lock = threading.Lock()
+        self._conditions: dict[str, tuple[int, str, str]] = {}
+        self._event: tuple[int, str, float, str] | None = None
+        self.on_tick: Callable[[], None] | None = None  # after every batch and idle step
+        self._last_uid: int | None = None
+        self._stats_t = 0.0
         self.reset_counters()
-        self.status, self.severity = "Idle", NO_ALARM
-        self._error_time = 0.0
 
     # ------------------------------------------------------------------ counters
     def reset_counters(self) -> None:
@@ -74,6 +124,8 @@ class PluginDriver:
             self.array_counter = 0
             self.dropped = 0
             self.bad = 0
+            self.missed = 0
+            self.passed = 0  # passed on unprocessed (e.g. no model: the map still gets them)
             self.received = 0
             self.execution_time_ms = 0.0
             self.unique_id = 0
@@ -81,30 +133,29 @@ class PluginDriver:
 
     @property
     def queue_size(self) -> int:
-        return self._q.maxsize
+        return self._queue_size
 
     @queue_size.setter
     def queue_size(self, n: int) -> None:
-        if int(n) < 1:
-            raise ValueError("QueueSize must be >= 1")
-        with self._q.mutex:  # queue.Queue documents maxsize; resize in place, keep what is queued
-            self._q.maxsize = int(n)
-            self._q.not_full.notify_all()
+        n = int(n)
+        if not 1 <= n <= self.max_queue:
+            raise ValueError(f"QueueSize must be in [1, {self.max_queue}], got {n}")
+        with self._cv:
+            self._queue_size = n
 
     @property
     def queue_free(self) -> int:
-        return max(0, self._q.maxsize - self._q.qsize())
+        return max(0, self._queue_size - self._queued)
 
     def stats(self) -> dict:
         """Counters for the plugin PVs; the rate is measured over windows of >= 1 s."""
         now = time.monotonic()
+        status = self.status(now)
         with self._lock:
             dt = now - self._rate_t
             if dt >= 1.0:
                 self.array_rate = (self.array_counter - self._rate_n) / dt
                 self._rate_t, self._rate_n = now, self.array_counter
-            if self.severity and now - self._error_time > self.error_hold_s and not self._busy:
-                self.status, self.severity = "OK", NO_ALARM
             return {
                 "ArrayCounter_RBV": self.array_counter,
                 "ArrayRate_RBV": round(self.array_rate, 2),
@@ -114,57 +165,126 @@ class PluginDriver:
                 "QueueFree_RBV": self.queue_free,
                 "ExecutionTime_RBV": round(self.execution_time_ms, 3),
                 "UniqueId_RBV": self.unique_id,
-                "Status_RBV": (self.status, self.severity),
+                "Status_RBV": status,
             }
 
-    def set_error(self, message: str, severity: int = MAJOR) -> None:
-        """Report a problem on Status_RBV (held for ``error_hold_s`` after the last one)."""
+    # ------------------------------------------------------------------ status
+    def set_condition(self, key: str, severity: int, message: str, kind: str = "device") -> None:
+        """A state that stands until cleared (no model, input disconnected, ...); ``kind`` says
+        why for the alarm status (see ptychostream.ioc.pvtable.ALARM_STATUS)."""
         with self._lock:
-            self.status, self.severity = message[:200], severity
-            self._error_time = time.monotonic()
+            self._conditions[key] = (int(severity), message[:250], kind)
 
-    def _drop(self, n: int, bad: bool = False) -> None:
+    def clear_condition(self, key: str) -> None:
         with self._lock:
-            self.dropped += n
-            if bad:
-                self.bad += n
+            self._conditions.pop(key, None)
+
+    def set_error(self, message: str, severity: int = MAJOR, kind: str = "device") -> None:
+        """Report a transient problem on Status_RBV (shown for ``error_hold_s``)."""
+        with self._lock:
+            self._event = (int(severity), message[:250], time.monotonic(), kind)
+
+    def status(self, now: float | None = None) -> tuple[str, int, str]:
+        """(text, severity, kind): the worst standing condition, else a recent error, else OK."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            worst = max(self._conditions.values(), default=None, key=lambda c: c[0])
+            ev = self._event
+        if ev is not None and now - ev[2] <= self.error_hold_s and (worst is None
+                                                                   or ev[0] > worst[0]):
+            return ev[1], ev[0], ev[3]
+        if worst is not None:
+            return worst[1], worst[0], worst[2]
+        return ("OK" if self.array_counter or self.received else "Idle"), NO_ALARM, "none"
+
+    # ------------------------------------------------------------------ input
+    def _count_gap(self, uid: int) -> None:
+        last = self._last_uid
+        if last is not None and uid > last + 1:
+            self.missed += uid - last - 1
+        if last is None or uid > last or uid < last - 1_000_000:  # far back: a detector restart
+            self._last_uid = uid
+
+    def push(self, item, unique_id: int | None = None) -> bool:
+        """Queue one raw frame for the worker; never blocks. ``unique_id``, when known, counts
+        gaps in the detector's numbering as missed frames. False when dropped (full/disabled)."""
+        with self._lock:
+            self.received += 1
+            if unique_id is not None:
+                self._count_gap(int(unique_id))
+        if not self.enabled:
+            self._drop(1, "callbacks disabled", malformed=False)
+            return False
+        with self._cv:
+            if self._queued >= self._queue_size:
+                full = True
+            else:
+                full = False
+                self._items.append(item)
+                self._queued += 1
+                self._cv.notify()
+        if full:
+            self._drop(1, "queue full", malformed=False)
+            return False
+        return True
+
+    def push_batch(self, batch: FrameBatch) -> bool:
+        """Queue a whole batch from the stage before; never blocks (full: the batch is dropped)."""
+        n = len(batch)
+        if not n:
+            return True
+        with self._lock:
+            self.received += n
+        if not self.enabled:
+            self._drop(n, "callbacks disabled", malformed=False)
+            return False
+        with self._cv:
+            full = self._queued + n > self._queue_size
+            if not full:
+                self._items.append(batch)
+                self._queued += n
+                self._cv.notify()
+        if full:
+            self._drop(n, "queue full", malformed=False)
+        return not full
 
     def reject(self, reason: str) -> None:
         """Count an array the host could not even hand over (malformed on arrival)."""
-        self.received += 1
-        self._drop(1, bad=True)
-        self.set_error(f"bad array: {reason}")
+        with self._lock:
+            self.received += 1
+        self._drop(1, f"bad array: {reason}", malformed=True)
 
-    # ------------------------------------------------------------------ input
-    def push(self, item) -> bool:
-        """Queue one array for the worker; never blocks. False when dropped (full or disabled)."""
-        self.received += 1
-        if not self.enabled:
-            return False
-        try:
-            self._q.put_nowait(item)
-            return True
-        except queue.Full:
-            self._drop(1)
-            return False
+    def _drop(self, n: int, reason: str, malformed: bool) -> None:
+        with self._lock:
+            self.dropped += n
+            if malformed:
+                self.bad += n
+        if malformed or reason != "callbacks disabled":
+            self.set_error(f"{'bad array' if malformed else 'dropped'}: {reason}"
+                           if not reason.startswith(("bad array", "dropped")) else reason,
+                           MAJOR if malformed else MINOR)
+        kind = reason.split(" (uniqueId")[0].split(":")[0]
+        self._log.warning(kind, f"{self.name}: {n} array(s) dropped: {reason}", n)
 
     # ------------------------------------------------------------------ worker
     def start(self) -> PluginDriver:
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name=f"plugin-{self.plugin.name}",
+        self._thread = threading.Thread(target=self._run, name=f"plugin-{self.name}",
                                         daemon=True)
         self._thread.start()
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
+        with self._cv:
+            self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
 
     def idle(self) -> bool:
         """Nothing queued and no batch in progress."""
-        return self._q.empty() and not self._busy
+        return self._queued == 0 and not self._busy
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
         deadline = time.monotonic() + timeout
@@ -174,65 +294,108 @@ class PluginDriver:
             time.sleep(0.01)
         return self.idle()
 
-    def _next_batch(self) -> list:
-        """Block for one item, then gather up to batch_size until ``flush_s`` after the first."""
-        try:
-            first = self._q.get(timeout=0.1)
-        except queue.Empty:
-            return []
-        self._busy = True
-        batch = [first]
-        deadline = time.monotonic() + self.flush_s
-        while len(batch) < self.batch_size:
-            remaining = deadline - time.monotonic()
-            try:
-                batch.append(self._q.get(timeout=remaining) if remaining > 0
-                             else self._q.get_nowait())
-            except queue.Empty:
-                break
-        return batch
+    def _next(self, wait_s: float):
+        """The next batch to process: a FrameBatch from the stage before, or up to batch_size
+        raw frames gathered until ``flush_s`` after the first. None after ``wait_s`` idle."""
+        with self._cv:
+            if not self._items and not self._cv.wait_for(
+                    lambda: self._items or self._stop.is_set(), wait_s):
+                return None
+            if not self._items:
+                return None
+            self._busy = True
+            if isinstance(self._items[0], FrameBatch):
+                b = self._items.popleft()
+                self._queued -= len(b)
+                return b
+            raw = [self._items.popleft()]
+            deadline = time.monotonic() + self.flush_s
+            while len(raw) < self.batch_size:
+                if self._items and not isinstance(self._items[0], FrameBatch):
+                    raw.append(self._items.popleft())
+                    continue
+                if self._items:  # a batch from upstream waits: do not hold it back
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._cv.wait(remaining):
+                    if not self._items:
+                        break
+            self._queued -= len(raw)
+            return raw
 
     def _run(self) -> None:
+        has_idle = hasattr(self.plugin, "idle")
+        wait = 0.1
         while not self._stop.is_set():
-            batch = self._next_batch()
-            if not batch:
+            work = self._next(wait)
+            if work is None:  # nothing queued: the plugin's idle work (e.g. further passes)
+                wait = 0.1
+                try:
+                    if has_idle and not self._stop.is_set() and self.plugin.idle():
+                        wait = 0.0  # it had work: look for frames, then go on with it
+                except Exception as exc:
+                    self._log.warning("idle", f"{self.name}: idle work failed: {exc!r}")
+                    self.set_error(f"{exc.__class__.__name__}: {exc}")
+                self._tick()
                 continue
+            wait = 0.01 if has_idle else 0.1
             try:
-                self._handle(batch)
+                self._handle(work)
             except Exception as exc:  # never let the worker die: report and go on
-                log.exception("%s: batch failed", self.plugin.name)
-                self._drop(len(batch))
-                self.set_error(f"{exc.__class__.__name__}: {exc}")
+                n = len(work)
+                if self._log.first(f"fail {exc.__class__.__name__}"):
+                    log.exception("%s: batch of %d failed", self.name, n)
+                self._drop(n, f"{exc.__class__.__name__}: {exc}", malformed=False)
             finally:
                 self._busy = False
+            self._tick()
 
-    def _handle(self, batch: list) -> None:
-        good: list[Frame] = []
-        for item in batch:
-            frame = None
+    def _tick(self) -> None:
+        if self.on_tick is not None:
             try:
-                frame = self.decode(item) if self.decode else item
-                good.append(self.plugin.check(frame))
-            except Exception as exc:  # FrameError, or anything a decoder raises on bad input
-                self._drop(1, bad=True)
-                uid = getattr(frame, "unique_id", None)
-                self.set_error(f"bad array{'' if uid is None else f' {uid}'}: {exc}")
-                log.warning("%s: bad array dropped: %s", self.plugin.name, exc)
-        if not good:
+                self.on_tick()
+            except Exception as exc:
+                self._log.warning("tick", f"{self.name}: publishing failed: {exc!r}")
+        self._publish_stats()
+
+    def _publish_stats(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.on_stats is None or (not force and now - self._stats_t < self.stats_period_s):
+            return
+        self._stats_t = now
+        try:
+            self.on_stats(self.stats())
+        except Exception as exc:
+            self._log.warning("stats", f"{self.name}: publishing counters failed: {exc!r}")
+
+    def _handle(self, work) -> None:
+        batch = work if isinstance(work, FrameBatch) else self.decode(work)
+        self._count_problems(batch)
+        if not len(batch):
             return
         t0 = time.perf_counter()
         try:
-            out = self.plugin.process(good)
+            out = self.plugin.process(batch)
         except NotReady as exc:
-            self._drop(len(good))
-            self.set_error(str(exc), MINOR)
+            self._drop(len(batch), str(exc), malformed=False)
             return
         dt = time.perf_counter() - t0
+        self._count_problems(out)
+        skipped = sum(n for _, n in out.skipped)  # passed on, not lost: the next stage has them
         with self._lock:
-            self.array_counter += len(good)
-            self.execution_time_ms = dt * 1e3 / len(good)
-            self.unique_id = good[-1].unique_id
-            if not self.severity:
-                self.status = "OK"
-        if self.sink is not None and out:
-            self.sink(out)
+            self.passed += skipped
+        out.skipped = []
+        done = len(out) - skipped
+        with self._lock:
+            self.array_counter += done
+            if done:
+                self.execution_time_ms = dt * 1e3 / done
+                self.unique_id = int(out.unique_ids[-1])
+        if len(out):
+            for sink in self.sinks:
+                sink(out)
+
+    def _count_problems(self, batch: FrameBatch) -> None:
+        for reason, n, malformed in batch.problems:
+            self._drop(n, reason, malformed)
+        batch.problems = []

@@ -1,9 +1,15 @@
-"""Inference plugin: diffraction frames in, PtychoNN 2.0 phase images out, one per frame.
+"""Inference plugin: a batch of diffraction frames in, PtychoNN 2.0 phase images out.
 
 Each output keeps its source frame's uniqueId, timestamp and attributes (PosX/PosY, ...) and adds
-ModelVersion and ModelName. A new model is built and validated beside the serving one
+the model's version and name. A new model is built and validated beside the serving one
 (``load_model``) and swapped in by one reference assignment, so a batch runs wholly on the old
-or wholly on the new model and no frame waits for the validation.
+or wholly on the new model and no frame waits for the validation. With no model serving,
+frames pass on to the map unprocessed (the map shows the sample from the first frame when it
+can refine; see the stitching plugin).
+
+Every frame is checked on the values the engine will see (counts times the intensity scale, in
+float32): a frame that is not finite there or beyond a 32-bit counter is dropped alone, and a
+non-finite output drops only its own frame.
 """
 
 from __future__ import annotations
@@ -15,19 +21,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ptychostream.engines import InferenceEngine, load_engine
-from ptychostream.model import FRAME_SIZE, ModelError, is_onnx
-from ptychostream.ntndarray import Frame
-from ptychostream.plugins.driver import FrameError, NotReady
+from ptychostream.batch import FrameBatch
+from ptychostream.modelfile import FRAME_SIZE, ModelError, sniff_model
 
 log = logging.getLogger(__name__)
+
+#: largest count a frame may hold: a 32-bit detector counter (Eiger2, Medipix3)
+MAX_COUNTS = 2.0 ** 32
+#: smallest value: small negatives come from background subtraction, large ones are garbage
+MIN_COUNTS = -1e3
 
 
 @dataclass(frozen=True)
 class ServingModel:
     """What serves now; replaced as a whole on a swap."""
 
-    engine: InferenceEngine
+    engine: object  # ptychostream.engines.InferenceEngine
     version: int
     name: str
 
@@ -37,24 +46,11 @@ def model_name_for(data: bytes, name: str = "") -> str:
     return name or f"model-{hashlib.sha256(data).hexdigest()[:10]}"
 
 
-def sniff_model(data: bytes) -> None:
-    """Refuse early, with a clear reason, bytes that are neither ONNX nor a PyTorch file.
-
-    PyTorch files are zip archives (``PK``) or legacy pickles (``0x80``); ONNX is protobuf,
-    checked by parsing it."""
-    if not data:
-        raise ModelError("empty model")
-    if data[:2] == b"PK" or data[:1] == b"\x80" or is_onnx(data):
-        return
-    raise ModelError(f"neither ONNX nor a PyTorch state dict ({len(data)} bytes starting "
-                     f"{data[:8]!r})")
-
-
 class InferencePlugin:
     """PtychoNN 2.0 inference on batches of frames (host-agnostic: see PluginDriver, pvapy_adapter).
 
     ``engine``: onnxruntime, torch or tensorrt. ``intensity_scale`` multiplies the counts
-    (low-dose frames). No model at start is fine: ``process`` raises NotReady until one loads.
+    (low-dose frames). No model at start is fine: frames pass on unprocessed until one loads.
     """
 
     name = "NN"
@@ -85,6 +81,8 @@ class InferencePlugin:
 
         Raises ModelError with the reason when it cannot serve; the old model keeps serving.
         ``version`` defaults to the serving version + 1."""
+        from ptychostream.engines import load_engine
+
         data = bytes(data)
         name = model_name_for(data, name)
         sniff_model(data)
@@ -100,29 +98,34 @@ class InferencePlugin:
         return new
 
     # ------------------------------------------------------------------ frames
-    def check(self, frame: Frame) -> Frame:
-        data = np.asarray(frame.data)
-        if data.ndim == 3 and data.shape[0] == 1:
-            data = data[0]
-        if data.shape != (FRAME_SIZE, FRAME_SIZE):
-            raise FrameError(f"frame shape {data.shape} is not ({FRAME_SIZE}, {FRAME_SIZE})")
-        if data.dtype.kind not in "uif":
-            raise FrameError(f"frame dtype {data.dtype} is not numeric")
-        if data.dtype.kind == "f" and not np.isfinite(data).all():
-            raise FrameError("frame has non-finite values")
-        if data is not frame.data:
-            frame = Frame(data, frame.unique_id, frame.timestamp, frame.attributes)
-        return frame
+    def check(self, batch: FrameBatch) -> FrameBatch:
+        """Drop frames the engine cannot take: wrong size, or values that are not counts once
+        scaled to float32 (1e300 becomes inf, 2**62 is no detector's count)."""
+        if batch.data.shape[1:] != (FRAME_SIZE, FRAME_SIZE):
+            return batch.drop(np.ones(len(batch), bool),
+                              f"frame shape {batch.data.shape[1:]} is not "
+                              f"({FRAME_SIZE}, {FRAME_SIZE})")
+        x = batch.data
+        with np.errstate(over="ignore", invalid="ignore"):
+            flat = x.reshape(len(x), -1)
+            finite = np.isfinite(flat).all(axis=1)
+            hi = np.where(finite, flat.max(axis=1, initial=0.0), 0.0)
+            lo = np.where(finite, flat.min(axis=1, initial=0.0), 0.0)
+            scaled = hi * np.float32(self.intensity_scale)
+        batch = batch.drop(~finite, "frame has non-finite values (as float32)")
+        keep = (hi <= MAX_COUNTS) & (lo >= MIN_COUNTS) & np.isfinite(scaled)
+        return batch.drop(~keep[finite], f"frame values outside [{MIN_COUNTS:g}, 2**32]")
 
-    def process(self, frames: list[Frame]) -> list[Frame]:
+    def process(self, batch: FrameBatch) -> FrameBatch:
+        batch = self.check(batch)
         serving = self._serving  # read once: the whole batch runs on one model
-        if serving is None:
-            raise NotReady("No model loaded")
-        phases = serving.engine.infer(np.stack([f.data for f in frames]), self.intensity_scale)
-        if not np.isfinite(phases).all():
-            raise ModelError(f"model {serving.name} gave non-finite phase")
-        return [
-            Frame(phase, f.unique_id, f.timestamp,
-                  {**f.attributes, "ModelVersion": serving.version, "ModelName": serving.name})
-            for f, phase in zip(frames, phases, strict=True)
-        ]
+        if serving is None or not len(batch):
+            if len(batch):
+                batch.skipped.append(("no model loaded", len(batch)))
+            return batch
+        phases = serving.engine.infer(batch.data, self.intensity_scale)
+        ok = np.isfinite(phases.reshape(len(phases), -1)).all(axis=1)
+        batch.phase = phases
+        batch.model_version, batch.model_name = serving.version, serving.name
+        return batch.drop(~ok, f"model {serving.name} gave a non-finite phase",
+                          malformed=False)

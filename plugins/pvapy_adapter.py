@@ -24,6 +24,7 @@ import numpy as np
 import pvaccess as pva
 from pvapy.hpc.adImageProcessor import AdImageProcessor
 
+from ptychostream.batch import FrameBatch, batch_from_frames
 from ptychostream.ntndarray import Frame
 from ptychostream.plugins.driver import PluginDriver
 from ptychostream.plugins.inference import InferencePlugin
@@ -79,7 +80,7 @@ class InferenceProcessor(AdImageProcessor):
             with open(model_file, "rb") as fh:
                 self.plugin.load_model(fh.read(), configDict.get("modelName", ""))
         self.driver = PluginDriver(
-            self.plugin, sink=self._publish,
+            self.plugin, sinks=[self._publish], decode=batch_from_frames,
             queue_size=int(configDict.get("queueSize", 256)),
             batch_size=int(configDict.get("batchSize", 8)),
             flush_s=float(configDict.get("flushSeconds", 0.02)))
@@ -120,11 +121,15 @@ class InferenceProcessor(AdImageProcessor):
         except Exception as exc:  # malformed input: counted like the IOC counts it
             self.driver.reject(str(exc))
             return pvObject
-        self.driver.push(frame)
+        self.driver.push(frame, unique_id=frame.unique_id)
         return pvObject
 
-    def _publish(self, frames: list[Frame]) -> None:
-        for f in frames:
+    def _publish(self, batch: FrameBatch) -> None:
+        if batch.phase is None:  # no model: nothing to publish (counted as dropped)
+            return
+        for i in range(len(batch)):
+            f = Frame(batch.phase[i], int(batch.unique_ids[i]), float(batch.timestamps[i]),
+                      batch.attributes(i))
             if self.pvaServer is not None and self.outputChannel:
                 self.pvaServer.update(self.outputChannel, pvobject_from_frame(f))
             self.n_published += 1
@@ -135,9 +140,10 @@ class InferenceProcessor(AdImageProcessor):
     def getStats(self) -> dict:  # noqa: N802
         s = self.driver.stats()
         return {"nProcessed": s["ArrayCounter_RBV"], "nDropped": s["DroppedArrays_RBV"],
-                "nBad": s["BadArrays_RBV"], "executionTimeMs": float(s["ExecutionTime_RBV"]),
+                "nBad": s["BadArrays_RBV"], "nMissed": self.driver.missed,
+                "executionTimeMs": float(s["ExecutionTime_RBV"]),
                 "modelVersion": self.plugin.model_version}
 
     def getStatsPvaTypes(self) -> dict:  # noqa: N802
         return {"nProcessed": pva.UINT, "nDropped": pva.UINT, "nBad": pva.UINT,
-                "executionTimeMs": pva.DOUBLE, "modelVersion": pva.UINT}
+                "nMissed": pva.UINT, "executionTimeMs": pva.DOUBLE, "modelVersion": pva.UINT}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ptychostream.model import FRAME_SIZE, ModelError, is_onnx, load_state_dict, to_onnx_bytes
+from ptychostream.modelfile import FRAME_SIZE, ModelError, is_onnx
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,8 @@ class TorchEngine(InferenceEngine):
 
     def __init__(self, state: bytes | dict, device: str | None = None):
         import torch
+
+        from ptychostream.model import load_state_dict
 
         self.torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -243,6 +245,8 @@ def available_engines() -> list[str]:
 
 def make_engine(name: str, model: bytes | str | Path, **kwargs) -> InferenceEngine:
     """Build engine ``name`` from model bytes or a file (ONNX or PyTorch state dict)."""
+    from ptychostream.model import to_onnx_bytes
+
     data = Path(model).read_bytes() if isinstance(model, str | Path) else bytes(model)
     if not data:
         raise ModelError("empty model")

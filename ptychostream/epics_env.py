@@ -1,13 +1,18 @@
 """Keep EPICS traffic on loopback: no searches or beacons to the broadcast address.
 
-Call :func:`use_loopback` before importing p4p, pvapy or caproto (tests, demo, benchmarks).
-The values are those of shared/epics-loopback.env; already-set variables are kept, so a
-beamline can still point the IOC at its own network by setting them.
+Tests, the demo and the benchmarks call :func:`use_loopback` before importing p4p, pvapy or
+caproto; the IOC and the other services never do unless their user asks for it
+(``--loopback``, see :func:`configure`): on a beamline they follow the host's EPICS
+environment. The values are those of shared/epics-loopback.env; already-set variables are kept.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
+
+log = logging.getLogger(__name__)
 
 LOOPBACK = {
     "EPICS_PVA_AUTO_ADDR_LIST": "NO",
@@ -31,3 +36,26 @@ def use_loopback(force: bool = False) -> dict[str, str]:
         else:
             os.environ.setdefault(key, value)
     return {k: os.environ[k] for k in LOOPBACK}
+
+
+def configure(loopback: bool = False) -> None:
+    """Apply a command's ``--loopback`` choice (a try-out on one machine); without it nothing
+    is changed and the host's EPICS environment holds."""
+    if loopback:
+        use_loopback()
+
+
+def pva_server_conf() -> dict:
+    """p4p Server ``conf`` that serves on the configured pvAccess port, or, when another server
+    on this host has it (a detector IOC beside ours), on a random port found by search as
+    usual, said in one INFO line instead of pvxs's "unable to bind port" warning."""
+    port = int(os.environ.get("EPICS_PVAS_SERVER_PORT",
+                              os.environ.get("EPICS_PVA_SERVER_PORT", "5075")))
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+            return {}
+        except OSError:
+            log.info("pvAccess port %d is taken by another server on this host: serving on a "
+                     "random port (clients find it by search)", port)
+            return {"EPICS_PVAS_SERVER_PORT": "0"}

@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ptychostream.modelfile import FRAME_SIZE, ModelError, is_onnx
+
 log = logging.getLogger(__name__)
 
-FRAME_SIZE = 128
 WIDTHS = (16, 32, 64, 128)
 
 
@@ -55,10 +56,6 @@ class PtychoNN2(nn.Module):
 
 def n_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-class ModelError(ValueError):
-    """A model file or byte string that cannot serve: says why."""
 
 
 def _unwrap_state_dict(obj) -> dict[str, torch.Tensor]:
@@ -122,19 +119,6 @@ def export_onnx(
     if path is not None:
         Path(path).write_bytes(data)
     return data
-
-
-def is_onnx(data: bytes) -> bool:
-    """ONNX files are protobuf ModelProto; torch files are zip (PK) or legacy pickle."""
-    if data[:2] == b"PK" or data[:1] == b"\x80":
-        return False
-    try:
-        import onnx
-
-        onnx.load_model_from_string(data)
-        return True
-    except Exception:
-        return False
 
 
 def to_onnx_bytes(data: bytes, batch_size: int | None = None) -> bytes:

@@ -24,6 +24,7 @@ class PVSpec:
     doc: str = ""
     units: str = ""
     choices: tuple[str, ...] = ()
+    precision: int = 3  # digits shown for floats (display.precision on pvAccess, CA precision)
 
     @property
     def ca(self) -> bool:
@@ -39,9 +40,11 @@ def _plugin_pvs(plugin: str, queue_size: int) -> list[PVSpec]:
                choices=("Disable", "Enable")),
         PVSpec(p + "ArrayCounter_RBV", "int", doc="arrays processed since start or reset"),
         PVSpec(p + "ArrayCounter", "int", True, doc="write 0 to reset the counters"),
-        PVSpec(p + "ArrayRate_RBV", "float", doc="arrays processed per second", units="Hz"),
+        PVSpec(p + "ArrayRate_RBV", "float", doc="arrays processed per second", units="Hz",
+               precision=1),
         PVSpec(p + "DroppedArrays_RBV", "int",
-               doc="arrays received but not processed: queue full, malformed, or no model"),
+               doc="arrays received and lost here: queue full, malformed, callbacks disabled "
+                   "(with no model, NN passes frames on to the map: not lost)"),
         PVSpec(p + "BadArrays_RBV", "int", doc="malformed arrays among the dropped ones (see Status_RBV)"),
         PVSpec(p + "QueueSize", "int", True, queue_size, "input queue length (arrays)"),
         PVSpec(p + "QueueFree_RBV", "int", initial=queue_size, doc="free places in the queue"),
@@ -66,16 +69,62 @@ PVS: dict[str, PVSpec] = {
         PVSpec("NN:BatchSize", "int", True, 8, "frames per engine call"),
         PVSpec("NN:IntensityScale", "float", True, 1.0, "multiplies frames before inference (low dose)"),
         PVSpec("NN:Engine_RBV", "str", initial="", doc="onnxruntime, tensorrt or torch"),
+        PVSpec("NN:MinCallbackTime", "float", True, 0.0,
+               "least time between NN:Phase updates (0: every frame; areaDetector's "
+               "MinCallbackTime)", units="s"),
+        PVSpec("NN:MissedArrays_RBV", "int",
+               doc="arrays the detector sent that never arrived (gaps in uniqueId)"),
+        PVSpec("NN:InputConnected_RBV", "int", initial=0,
+               doc="1 while the detector's NTNDArray PV is connected, else 0"),
         *_plugin_pvs("NN", 256),
         # ---- stitching plugin
-        PVSpec("Stitch:Image", "ntndarray", doc="live stitched phase map (rad)"),
+        PVSpec("Stitch:Image", "ntndarray",
+               doc="live phase map (rad): refined against the frames when a probe is known, "
+                   "else the network's phases stitched"),
+        PVSpec("Stitch:Amplitude", "ntndarray", doc="live amplitude map of the refined object"),
+        PVSpec("Stitch:Refine", "enum", True, 1,
+               "refine the map frame by frame with the probe (acts when a probe is known)",
+               choices=("Disable", "Enable")),
+        PVSpec("Stitch:RefineAlpha", "float", True, 0.1, "rPIE alpha of the object update",
+               precision=2),
+        PVSpec("Stitch:ProbeStep", "float", True, 0.5,
+               "ePIE probe step after each object step (0: the probe stays as given)"),
+        PVSpec("Stitch:SeedMode", "enum", True, 0,
+               "how the network's phase seeds the refined map: pixels not yet seen, a "
+               "weighted blend, or not at all", choices=("New", "Blend", "None")),
+        PVSpec("Stitch:Probe", "bytes", True,
+               doc="write a probe (.npy, or an HDF5 reconstruction or scan file) as a ubyte "
+                   "array with an optional 'name' field; the put completes when validated"),
+        PVSpec("Stitch:Probe_RBV", "ntndarray",
+               doc="probe in use, as learnt so far: float32 (modes, N, N, 2), last axis re, im"),
+        PVSpec("Stitch:ProbeStatus_RBV", "str", initial="No probe",
+               doc="which probe refines the map and where it came from, or why one was refused"),
+        PVSpec("Stitch:Passes_RBV", "float",
+               doc="frame updates per frame of the map: 1 after the live pass, more as idle "
+                   "time re-visits frames"),
+        PVSpec("Stitch:Weighting", "enum", True, 0,
+               "weight of each network image in the stitch: probe intensity, a central crop, "
+               "or the whole frame", choices=("Probe", "Crop", "Uniform")),
+        PVSpec("Stitch:Crop", "int", True, 0,
+               "central crop (px) for Weighting Crop; 0: the beam's FWHM", units="px"),
+        PVSpec("Stitch:BeamSize", "float", True, 800.0,
+               "beam FWHM, for weights while no probe is known", units="nm", precision=1),
+        PVSpec("Stitch:RegisterOffsets", "enum", True, 1,
+               "match each network image's constant phase to the map before adding it",
+               choices=("Disable", "Enable")),
+        PVSpec("Stitch:SaveFile", "str", True, "",
+               "write a file name: the map (complex, phase, amplitude) and probe are saved "
+               "there as HDF5, in the IOC's map folder"),
         PVSpec("Stitch:Positions", "nttable", True,
                doc="planned positions: columns x, y (m) and optional uniqueId, for frames without "
                    "PosX/PosY (matched by uniqueId, else by arrival order); starts a new map"),
         PVSpec("Stitch:Reset", "int", True, doc="write 1 to start a new map"),
-        PVSpec("Stitch:PixelSize", "float", True, 0.0, "map pixel size (m); 0 takes the frame's", units="m"),
+        PVSpec("Stitch:PixelSize", "float", True, 0.0,
+               "map pixel size; 0 takes the frames' PixelSize attribute", units="nm",
+               precision=2),
         PVSpec("Stitch:NumFrames_RBV", "int", doc="frames stitched into the current map"),
-        PVSpec("Stitch:UpdatePeriod", "float", True, 0.5, "seconds between Stitch:Image updates", units="s"),
+        PVSpec("Stitch:UpdatePeriod", "float", True, 0.5, "seconds between Stitch:Image updates",
+               units="s", precision=2),
         *_plugin_pvs("Stitch", 1024),
         # ---- quality
         PVSpec("QA:SSIM", "float", True, 0.0, "SSIM of the serving model against the latest iterative reconstruction"),

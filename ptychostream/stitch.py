@@ -1,101 +1,347 @@
 """Stitching: phase images placed on one regular grid at their beam positions, overlaps averaged.
 
-REFERENCE.md step 6. Each image is interpolated (bilinear) onto the map grid at its
-off-grid position; the map is sum / count. The live stitching plugin and every
-offline stitch (validation, demo) use this one class, so they agree exactly.
+REFERENCE.md step 6. Each image is interpolated (bilinear) onto the map grid at its off-grid
+beam position and weighted by the region its frame informs (``weighting``); the map is
+sum(weight * phase) / sum(weight). A batch is added in one vectorised accumulate (torch, on the
+CPU or the GPU that ran inference), so the live map costs a few array operations per batch, not
+a Python loop per frame. The live stitching stage and every offline stitch (validation, the
+benchmarks) use this one class, so they agree exactly.
+
+``register_offsets``: one diffraction pattern does not fix a constant phase offset (REFERENCE.md,
+"what the network can know"); each image's constant is matched to the map already built on
+their overlap before it is added.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import threading
 
 import numpy as np
-from scipy import ndimage
 
-from ptychostream.geometry import frame_corner_px, map_geometry, place_on_grid, snap
+from ptychostream.geometry import map_geometry, place_on_grid, snap
+
+log = logging.getLogger(__name__)
+
+WEIGHTINGS = ("probe", "crop", "uniform")
+#: a map pixel shows a value once its summed weight reaches this fraction of one frame's peak
+MIN_WEIGHT = 0.1
+#: default largest map side (pixels): 4096 x 12.9 nm = 53 um; bounds memory whatever the input
+MAX_MAP_PX = 4096
+#: a frame is registered against the map only where both are well lit (fraction of peak weight)
+REGISTER_MIN_WEIGHT = 0.3
+#: ... and only if that overlap covers this fraction of the frame's own weight
+REGISTER_MIN_OVERLAP = 0.05
 
 
-class Stitcher:
-    """Accumulates phase images on a map that grows as positions arrive.
+class MapBoundsError(ValueError):
+    """A frame lies so far from the map that taking it would exceed the map's size bound."""
 
-    ``crop`` keeps only the central ``crop x crop`` pixels of each image (the well-illuminated
-    part); None keeps the whole frame, as the paper does.
-    """
 
-    def __init__(self, pixel_m: float, frame_size: int = 128, crop: int | None = None,
-                 positions_m: np.ndarray | None = None) -> None:
+def frame_weights(frame_size: int, pixel_m: float, weighting: str = "probe",
+                  crop: int | None = None, probe: np.ndarray | None = None,
+                  beam_fwhm_m: float = 800e-9) -> np.ndarray:
+    """(N, N) float32 weights, peak 1, of the pixels one frame informs.
+
+    ``probe``: the probe's intensity (summed over modes) when it is known; otherwise a disk of
+    the beam FWHM with a soft edge stands in for it. ``crop``: the central crop x crop pixels
+    (None: the beam's FWHM). ``uniform``: the whole frame (the paper's stitching)."""
+    n = int(frame_size)
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, not {weighting!r}")
+    if weighting == "uniform":
+        return np.ones((n, n), np.float32)
+    beam_px = float(beam_fwhm_m) / float(pixel_m)
+    if weighting == "crop":
+        c = int(crop) if crop else int(round(min(n, beam_px)))
+        c = max(1, min(n, c))
+        w = np.zeros((n, n), np.float32)
+        lo = (n - c) // 2
+        w[lo:lo + c, lo:lo + c] = 1.0
+        return w
+    if probe is not None:
+        p = np.asarray(probe)
+        inten = np.sum(np.abs(p.reshape(-1, *p.shape[-2:])) ** 2, axis=0).astype(np.float64)
+        if inten.shape != (n, n) or not np.isfinite(inten).all() or inten.max() <= 0:
+            raise ValueError(f"probe of shape {p.shape} cannot weight {n}x{n} frames")
+        return (inten / inten.max()).astype(np.float32)
+    # no probe: a disk of the beam FWHM, edge softened over a tenth of its radius
+    k = np.arange(n) - (n - 1) / 2
+    r = np.hypot(*np.meshgrid(k, k, indexing="ij"))
+    radius = max(beam_px / 2, 1.0)
+    edge = max(radius / 10, 1.0)
+    t = np.clip((r - radius) / edge + 0.5, 0.0, 1.0)
+    return (0.5 * (1 + np.cos(np.pi * t))).astype(np.float32)
+
+
+class Canvas:
+    """Map geometry on the global lattice (see :mod:`ptychostream.geometry`), growing as frames
+    arrive, with named torch layers that grow with it; bounded to ``max_px`` pixels a side.
+
+    Shared by the phase stitcher and the refinement stage, so both maps lie on one grid."""
+
+    def __init__(self, pixel_m: float, frame_size: int, layers: dict[str, tuple],
+                 positions_m: np.ndarray | None = None, device: str = "cpu",
+                 max_px: int = MAX_MAP_PX) -> None:
+        import torch
+
+        self.torch = torch
         self.pixel_m = float(pixel_m)
-        self.frame_size = frame_size
-        self.crop = crop
-        self._lock = threading.Lock()
-        self.reset(positions_m)
+        self.frame_size = int(frame_size)
+        self.device = torch.device(device)
+        self.max_px = int(max_px)
+        self._layer_spec = dict(layers)  # name -> (torch dtype, fill value)
+        self.origin: tuple[float, float] | None = None
+        self.layers: dict[str, object] = {}
+        if positions_m is not None and len(positions_m):
+            shape, origin = map_geometry(np.asarray(positions_m, float), self.pixel_m,
+                                         self.frame_size)
+            if max(shape) > self.max_px:
+                raise MapBoundsError(f"the planned scan needs a {shape[0]}x{shape[1]} px map; "
+                                     f"the bound is {self.max_px} px a side")
+            self._allocate(shape, origin)
+        else:
+            self._allocate((0, 0), None)
 
-    def reset(self, positions_m: np.ndarray | None = None) -> None:
-        """Start a new map; with planned positions the grid is sized for the whole scan at once."""
-        with self._lock:
-            self.n_frames = 0
-            if positions_m is not None and len(positions_m):
-                shape, self.origin = map_geometry(positions_m, self.pixel_m, self.frame_size)
-                self._sum = np.zeros(shape)
-                self._count = np.zeros(shape)
-            else:
-                self.origin = None
-                self._sum = self._count = np.zeros((0, 0))
+    def _allocate(self, shape, origin) -> None:
+        self.origin = origin
+        self.layers = {k: self.torch.full(shape, fill, dtype=dt, device=self.device)
+                       for k, (dt, fill) in self._layer_spec.items()}
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self._sum.shape
+        return tuple(next(iter(self.layers.values())).shape)
 
-    def _ensure(self, r0: int, c0: int, h: int, w: int) -> tuple[int, int]:
-        """Grow the canvas (keeping its pixel grid) so rows r0..r0+h and cols c0..c0+w fit."""
-        rows, cols = self._sum.shape
-        top, left = max(0, -r0), max(0, -c0)
-        bottom, right = max(0, r0 + h - rows), max(0, c0 + w - cols)
-        if top or left or bottom or right:
-            pad = ((top, bottom), (left, right))
-            self._sum = np.pad(self._sum, pad)
-            self._count = np.pad(self._count, pad)
-            x0, y0 = self.origin
-            self.origin = (x0 - left * self.pixel_m, y0 - top * self.pixel_m)
-        return r0 + top, c0 + left
+    def corners(self, positions_m: np.ndarray) -> np.ndarray:
+        """(B, 2) fractional map index (row, col) of each frame's pixel [0, 0]."""
+        pos = np.asarray(positions_m, np.float64).reshape(-1, 2)
+        half = (self.frame_size - 1) / 2
+        x0, y0 = self.origin
+        return np.stack([(pos[:, 1] - y0) / self.pixel_m - half,
+                         (pos[:, 0] - x0) / self.pixel_m - half], axis=1)
+
+    def fit(self, positions_m: np.ndarray, extent: int | None = None) -> np.ndarray:
+        """Grow the map so every frame at ``positions_m`` fits (``extent`` px from its corner);
+        returns a (B,) bool mask: False for a non-finite position or a frame that would push
+        the map past ``max_px`` a side (frames are taken in arrival order while they fit)."""
+        pos = np.asarray(positions_m, np.float64).reshape(-1, 2)
+        ext = int(extent or self.frame_size + 1)
+        ok = np.isfinite(pos).all(axis=1)
+        if not ok.any():
+            return ok
+        if self.origin is None:  # the first batch fixes the grid: its median, robust to a stray
+            first = np.median(pos[ok], axis=0)
+            half = (self.frame_size - 1) / 2 * self.pixel_m
+            self.origin = (snap(first[0] - half, self.pixel_m), snap(first[1] - half, self.pixel_m))
+        with np.errstate(invalid="ignore", over="ignore"):
+            c = np.floor(self.corners(np.where(ok[:, None], pos, 0.0)))
+        ok &= (np.abs(c) < 1e9).all(axis=1)  # absurd positions: refused before any arithmetic
+        rows, cols = self.shape
+        box = None if rows == 0 or cols == 0 else np.array([0.0, 0.0, rows, cols])
+
+        def union(b, i):
+            fr = np.array([c[i, 0], c[i, 1], c[i, 0] + ext, c[i, 1] + ext])
+            if b is None:
+                return fr
+            return np.array([min(b[0], fr[0]), min(b[1], fr[1]), max(b[2], fr[2]),
+                             max(b[3], fr[3])])
+
+        def fits(b) -> bool:
+            return b[2] - b[0] <= self.max_px and b[3] - b[1] <= self.max_px
+
+        sel = np.nonzero(ok)[0]
+        whole = box
+        for i in (sel[np.argmin(c[sel, 0])], sel[np.argmax(c[sel, 0])],
+                  sel[np.argmin(c[sel, 1])], sel[np.argmax(c[sel, 1])]):
+            whole = union(whole, i)
+        if not fits(whole):  # rare: take the frames nearest the map (or the batch's median)
+            whole = box      # first, while the map stays in bounds; strays are refused
+            centre = (np.median(c[sel], axis=0) if box is None else
+                      np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2]))
+            for i in sel[np.argsort(np.abs(c[sel] - centre).max(axis=1), kind="stable")]:
+                trial = union(whole, i)
+                if fits(trial):
+                    whole = trial
+                else:
+                    ok[i] = False
+        if ok.any() and (box is None or not np.array_equal(whole, box)):
+            self._resize(*(int(v) for v in whole))
+        return ok
+
+    def _resize(self, r0: int, c0: int, r1: int, c1: int) -> None:
+        """New extent rows r0..r1, cols c0..c1 in today's index space (old content kept)."""
+        rows, cols = self.shape
+        new_shape = (r1 - r0, c1 - c0)
+        for k, (dt, fill) in self._layer_spec.items():
+            new = self.torch.full(new_shape, fill, dtype=dt, device=self.device)
+            if rows and cols:
+                new[-r0:-r0 + rows, -c0:-c0 + cols] = self.layers[k]
+            self.layers[k] = new
+        x0, y0 = self.origin
+        self.origin = (x0 + c0 * self.pixel_m, y0 + r0 * self.pixel_m)
+
+    def window_index(self, corner_rc: np.ndarray, size: int):
+        """Flat map indices (B, size, size) of each frame's window from its integer corner."""
+        torch = self.torch
+        rc = torch.as_tensor(np.asarray(corner_rc, np.int64), device=self.device)
+        k = torch.arange(size, device=self.device)
+        cols = self.shape[1]
+        return (rc[:, 0, None, None] + k[None, :, None]) * cols + (rc[:, 1, None, None]
+                                                                   + k[None, None, :])
+
+
+class Stitcher:
+    """Accumulates phase images on a map that grows as positions arrive (or is sized for the
+    planned positions). See the module docstring for ``weighting`` and ``register_offsets``.
+
+    ``device``: where the map lives ("cpu", or the GPU that ran inference)."""
+
+    def __init__(self, pixel_m: float, frame_size: int = 128, crop: int | None = None,
+                 positions_m: np.ndarray | None = None, weighting: str | None = None,
+                 probe: np.ndarray | None = None, beam_fwhm_m: float = 800e-9,
+                 register_offsets: bool = False, device: str = "cpu",
+                 max_px: int = MAX_MAP_PX) -> None:
+        import torch
+
+        self.torch = torch
+        self.pixel_m = float(pixel_m)
+        self.frame_size = int(frame_size)
+        self.crop = crop
+        self.weighting = weighting or ("crop" if crop else "uniform")
+        self.beam_fwhm_m = float(beam_fwhm_m)
+        self.register_offsets = bool(register_offsets)
+        self.device = device
+        self.max_px = max_px
+        self._dtype = torch.float64 if str(device) == "cpu" else torch.float32
+        self.set_weights(frame_weights(self.frame_size, self.pixel_m, self.weighting, crop,
+                                       probe, beam_fwhm_m))
+        self._lock = threading.Lock()
+        self.reset(positions_m)
+
+    def set_weights(self, weights: np.ndarray) -> None:
+        """Per-pixel weights (N, N) of one frame, e.g. when the probe becomes known."""
+        w = self.torch.as_tensor(np.asarray(weights, np.float64), dtype=self._dtype,
+                                 device=self.device)
+        self._w = self.torch.nn.functional.pad(w, (0, 1, 0, 1))  # (N+1, N+1), zero edge
+
+    def reset(self, positions_m: np.ndarray | None = None) -> None:
+        """Start a new map; with planned positions the grid is sized for the whole scan at once."""
+        with getattr(self, "_lock", threading.Lock()):
+            self.n_frames = 0
+            self.canvas = Canvas(self.pixel_m, self.frame_size,
+                                 {"sum": (self._dtype, 0.0), "weight": (self._dtype, 0.0)},
+                                 positions_m, self.device, self.max_px)
+
+    @property
+    def origin(self) -> tuple[float, float] | None:
+        return self.canvas.origin
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.canvas.shape
+
+    def _shifted(self, img, fr, fc, edge: bool):
+        """Bilinear sub-pixel shift of (B, N+1, N+1) images by (fr, fc) in [0, 1): the image's
+        pixel k lands on index k + f (pull form, as scipy.ndimage.shift with order 1); beyond
+        the first row/column the image repeats its edge (``edge``, ndimage's "nearest") or is 0."""
+        torch = self.torch
+
+        def before(a, dim):  # a[k-1] along dim
+            first = a.narrow(dim, 0, 1)
+            pad = first if edge else torch.zeros_like(first)
+            return torch.cat([pad, a.narrow(dim, 0, a.shape[dim] - 1)], dim)
+
+        a = (1 - fr) * img + fr * before(img, 1)
+        return (1 - fc) * a + fc * before(a, 2)
+
+    def add_batch(self, phases, positions_m: np.ndarray) -> np.ndarray:
+        """Add a batch of phase images (B, N, N) at beam positions (B, 2) x, y in metres.
+
+        Returns a (B,) bool mask of the frames added (False: non-finite position or beyond the
+        map's size bound; see :class:`Canvas`)."""
+        torch = self.torch
+        pos = np.asarray(positions_m, np.float64).reshape(-1, 2)
+        n = self.frame_size
+        with self._lock:
+            ok = self.canvas.fit(pos)
+            if not ok.any():
+                return ok
+            idx = np.nonzero(ok)[0]
+            corner = self.canvas.corners(pos[idx])
+            ri = np.floor(corner)
+            frac = torch.as_tensor(corner - ri, dtype=self._dtype, device=self.device)
+            fr, fc = frac[:, 0, None, None], frac[:, 1, None, None]
+            x = torch.as_tensor(np.asarray(phases)[idx] if isinstance(phases, np.ndarray)
+                                else phases[torch.as_tensor(idx)], device=self.device)
+            x = x.to(self._dtype)
+            # image padded by edge repetition (ndimage mode="nearest"), weights by zeros
+            x = torch.nn.functional.pad(x[:, None], (0, 1, 0, 1), mode="replicate")[:, 0]
+            img = self._shifted(x, fr, fc, edge=True)
+            w = self._shifted(self._w.expand(len(idx), n + 1, n + 1), fr, fc, edge=False)
+            flat = self.canvas.window_index(ri, n + 1)
+            if self.register_offsets:
+                self._add_registered(img, w, flat)
+            else:
+                self._accumulate(img, w, flat)
+            self.n_frames += len(idx)
+        return ok
+
+    def _accumulate(self, img, w, flat) -> None:
+        fl = flat.reshape(-1)
+        self.canvas.layers["sum"].view(-1).index_add_(0, fl, (img * w).reshape(-1))
+        self.canvas.layers["weight"].view(-1).index_add_(0, fl, w.reshape(-1))
+
+    def _add_registered(self, img, w, flat) -> None:
+        """Register every image against the map, add those that overlap it, then the rest
+        against the grown map; an image that overlaps nothing is added as it is (it anchors a
+        new part of the map). One round per batch once the map has started."""
+        torch = self.torch
+        todo = torch.arange(len(img), device=img.device)
+        while len(todo):
+            off, enough = self._offsets(img[todo], w[todo], flat[todo])
+            if not bool(enough.any()):
+                enough = torch.zeros_like(enough)
+                enough[0] = True  # nothing overlaps: the first anchors, the rest follow it
+            take = todo[enough]
+            self._accumulate(img[take] + off[enough][:, None, None], w[take], flat[take])
+            todo = todo[~enough]
+
+    def _offsets(self, img, w, flat):
+        """Constant per image that matches it to the map already built, on their overlap
+        (weighted mean of map - image where both are well lit), and whether they overlap
+        enough to say; 0 where they do not."""
+        torch = self.torch
+        s = self.canvas.layers["sum"].view(-1)[flat]
+        mw = self.canvas.layers["weight"].view(-1)[flat]
+        both = (mw >= REGISTER_MIN_WEIGHT) & (w >= REGISTER_MIN_WEIGHT)
+        ww = torch.where(both, w * mw.clamp(max=1.0), torch.zeros_like(w))
+        total = ww.sum((1, 2))
+        diff = torch.where(both, s / mw.clamp(min=1e-12) - img, torch.zeros_like(img))
+        off = (ww * diff).sum((1, 2)) / total.clamp(min=1e-12)
+        enough = total >= REGISTER_MIN_OVERLAP * w.sum((1, 2))
+        return torch.where(enough, off, torch.zeros_like(off)), enough
 
     def add(self, phase: np.ndarray, position_m) -> None:
         """Add one phase image at beam position (x, y) in metres."""
-        phase = np.asarray(phase, np.float64)
-        n = phase.shape[-1]
-        with self._lock:
-            if self.origin is None:  # first frame fixes the grid
-                half = (n - 1) / 2 * self.pixel_m
-                self.origin = (snap(position_m[0] - half, self.pixel_m),
-                               snap(position_m[1] - half, self.pixel_m))
-                self._sum = np.zeros((n, n))
-                self._count = np.zeros((n, n))
-            r, c = frame_corner_px(position_m, self.origin, self.pixel_m, n)
-            ri, ci = int(np.floor(r)), int(np.floor(c))
-            # sub-pixel shift onto the grid: the image's pixel k lands on index r + k
-            img = np.pad(phase, ((0, 1), (0, 1)), mode="edge")
-            img = ndimage.shift(img, (r - ri, c - ci), order=1, mode="nearest", prefilter=False)
-            weight = np.zeros_like(img)
-            lo, hi = (0, n) if self.crop is None else ((n - self.crop) // 2, (n + self.crop) // 2)
-            weight[lo:hi, lo:hi] = 1.0
-            weight = ndimage.shift(weight, (r - ri, c - ci), order=1, mode="constant", prefilter=False)
-            ri, ci = self._ensure(ri, ci, n + 1, n + 1)
-            win = (slice(ri, ri + n + 1), slice(ci, ci + n + 1))
-            self._sum[win] += img * weight
-            self._count[win] += weight
-            self.n_frames += 1
+        ok = self.add_batch(np.asarray(phase)[None], np.asarray(position_m, float)[None])
+        if not ok[0]:
+            raise MapBoundsError(f"position {tuple(position_m)} is beyond the map's bound of "
+                                 f"{self.max_px} px a side")
 
-    def add_many(self, phases: np.ndarray, positions_m: np.ndarray) -> None:
-        for p, pos in zip(phases, positions_m, strict=True):
-            self.add(p, pos)
+    def add_many(self, phases: np.ndarray, positions_m: np.ndarray, batch: int = 64) -> None:
+        """Offline: add a whole scan, in arrival order, batch by batch."""
+        for s in range(0, len(phases), batch):
+            self.add_batch(phases[s:s + batch], positions_m[s:s + batch])
 
-    def image(self, min_weight: float = 0.5) -> np.ndarray:
+    def image(self, min_weight: float = MIN_WEIGHT) -> np.ndarray:
         """The stitched map (float32); NaN where nothing was stitched."""
         with self._lock:
-            out = np.full(self._sum.shape, np.nan, np.float32)
-            ok = self._count >= min_weight
-            out[ok] = self._sum[ok] / self._count[ok]
-            return out
+            s = self.canvas.layers["sum"]
+            w = self.canvas.layers["weight"]
+            out = s / w.clamp(min=1e-300 if s.dtype == self.torch.float64 else 1e-30)
+            out = self.torch.where(w >= min_weight, out, self.torch.full_like(out, math.nan))
+            return out.float().cpu().numpy()
 
     def resample_to(self, shape: tuple[int, int], origin_m) -> np.ndarray:
         """The stitched map on another grid of the same pixel size (e.g. a reconstruction's)."""
@@ -104,8 +350,10 @@ class Stitcher:
         return place_on_grid(self.image(), self.origin, self.pixel_m, shape, origin_m)
 
 
-def stitch(phases: np.ndarray, positions_m: np.ndarray, pixel_m: float, crop: int | None = None) -> tuple[np.ndarray, tuple[float, float]]:
-    """Offline stitch of a whole scan: returns (map, origin)."""
-    s = Stitcher(pixel_m, phases.shape[-1], crop=crop, positions_m=positions_m)
+def stitch(phases: np.ndarray, positions_m: np.ndarray, pixel_m: float, crop: int | None = None,
+           **options) -> tuple[np.ndarray, tuple[float, float]]:
+    """Offline stitch of a whole scan: returns (map, origin). ``options``: weighting, probe,
+    beam_fwhm_m, register_offsets (see :class:`Stitcher`)."""
+    s = Stitcher(pixel_m, phases.shape[-1], crop=crop, positions_m=positions_m, **options)
     s.add_many(phases, positions_m)
     return s.image(), s.origin

@@ -55,7 +55,8 @@ def test_dry_run_submits_nothing_and_decides_nothing(RE, rig, epics_env, tmp_pat
     assert "ioc_nn_model -> ('model.onnx', 'ptychonn-cl-000')" in out
 
 
-def test_trains_deploys_then_suspends_when_the_model_matches(RE, rig, epics_env, tmp_path):
+def test_trains_deploys_then_suspends_when_the_model_matches(RE, rig, epics_env, tmp_path,
+                                                             caplog):
     from ptychostream.hpc import get_executor
     from ptychostream.ioc.server import EdgeIOC as EdgeIOCServer
 
@@ -98,6 +99,15 @@ def test_trains_deploys_then_suspends_when_the_model_matches(RE, rig, epics_env,
     assert decision.startswith("suspend: ")
     assert "train" not in second  # no training was run
     assert not (tmp_path / "work" / "model-cl-001").exists()
+
+    # each round said on the console what serves now, the SSIM and the decision with its reason
+    rounds = [r.getMessage() for r in caplog.records if r.getMessage().startswith("round cl-")]
+    assert len(rounds) == 3, rounds
+    assert rounds[0].startswith("round cl-000: deployed a new model; serving v1 (ptychonn-cl-000)")
+    assert "decision train: " in rounds[0]
+    assert f"QA:SSIM {second['serving_ssim']:.3f}" in rounds[1]
+    assert "kept the model; serving v1" in rounds[1] and "decision suspend: " in rounds[1]
+    assert first["model_version"] == 1 and third["model_version"] == 1
 
     # scan 3: suspended, so no HPC time at all: not even a reconstruction
     assert [d["action"] for d in third["decisions"]] == ["suspend"]

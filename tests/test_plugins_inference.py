@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from ptychostream.batch import FrameBatch, batch_from_frames
 from ptychostream.engines import load_engine
 from ptychostream.model import ModelError, PtychoNN2, export_onnx, state_dict_bytes
 from ptychostream.ntndarray import Frame
-from ptychostream.plugins.driver import FrameError, PluginDriver
+from ptychostream.plugins.driver import PluginDriver
 from ptychostream.plugins.inference import InferencePlugin
 
 
@@ -34,28 +35,32 @@ def frames(n: int, start: int = 1, seed: int = 0) -> list[Frame]:
                   {"PosX": i * 1e-7, "PosY": -i * 1e-7}) for i in range(n)]
 
 
+def batch(n: int, start: int = 1, seed: int = 0) -> FrameBatch:
+    return batch_from_frames(frames(n, start, seed))
+
+
 def test_process_keeps_identity_and_matches_bare_engine():
     plugin = InferencePlugin()
     plugin.load_model(onnx_bytes(), "m0")
-    src = frames(5)
+    src = batch(5)
     out = plugin.process(src)
-    assert [f.unique_id for f in out] == [f.unique_id for f in src]
-    assert [f.timestamp for f in out] == [f.timestamp for f in src]
-    assert all(f.attributes["ModelVersion"] == 1 and f.attributes["ModelName"] == "m0"
-               for f in out)
-    assert out[3].position == src[3].position
-    bare = load_engine("onnxruntime", onnx_bytes()).infer(np.stack([f.data for f in src]))
-    np.testing.assert_allclose(np.stack([f.data for f in out]), bare, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out.unique_ids, np.arange(1, 6))
+    np.testing.assert_array_equal(out.timestamps, 1000.0 + np.arange(5))
+    a = out.attributes(3)
+    assert a["ModelVersion"] == 1 and a["ModelName"] == "m0"
+    assert (a["PosX"], a["PosY"]) == pytest.approx((3e-7, -3e-7))
+    bare = load_engine("onnxruntime", onnx_bytes()).infer(np.stack([f.data for f in frames(5)]))
+    np.testing.assert_allclose(out.phase, bare, rtol=1e-5, atol=1e-5)
 
 
 def test_intensity_scale_is_applied():
     plugin = InferencePlugin(intensity_scale=10.0)
     plugin.load_model(onnx_bytes())
-    src = frames(2)
-    scaled = [Frame(f.data.astype(np.float32) * 10, f.unique_id) for f in src]
     plain = InferencePlugin()
     plain.load_model(onnx_bytes())
-    np.testing.assert_allclose(plugin.process(src)[0].data, plain.process(scaled)[0].data,
+    scaled = batch(2)
+    scaled.data = scaled.data * 10
+    np.testing.assert_allclose(plugin.process(batch(2)).phase[0], plain.process(scaled).phase[0],
                                rtol=1e-5, atol=1e-5)
 
 
@@ -69,27 +74,45 @@ def test_state_dict_model_and_refusals_keep_old_model():
         with pytest.raises(ModelError, match=reason):
             plugin.load_model(bad, "bad")
         assert plugin.model_version == 1 and plugin.model_name == "sd"
-    assert len(plugin.process(frames(1))) == 1
+    assert len(plugin.process(batch(1))) == 1
 
 
-def test_check_refuses_malformed_frames():
+def test_check_drops_only_the_bad_frames_on_the_values_the_engine_sees():
+    """1e300 is finite as float64 but inf as float32; 2**62 is no detector's count: each drops
+    alone, the good frames of the same batch are inferred (issue 11, item 3)."""
     plugin = InferencePlugin()
-    for data in [np.zeros((64, 64)), np.zeros((2, 128, 128)), np.array(["a"] * 4),
-                 np.full((128, 128), np.nan, np.float32)]:
-        with pytest.raises(FrameError):
-            plugin.check(Frame(data, 1))
-    assert plugin.check(Frame(np.zeros((1, 128, 128), np.uint16), 1)).data.shape == (128, 128)
+    plugin.load_model(onnx_bytes())
+    good = frames(4)
+    src = [good[0], Frame(np.full((128, 128), 1e300), 50), good[1],
+           Frame(np.full((128, 128), 2 ** 62, np.int64), 51),
+           Frame(np.full((128, 128), np.nan, np.float32), 52), good[2]]
+    out = plugin.process(batch_from_frames(src))
+    np.testing.assert_array_equal(out.unique_ids, [1, 2, 3])
+    assert sum(n for _, n, bad in out.problems if bad) == 3
+    assert out.phase.shape == (3, 128, 128) and np.isfinite(out.phase).all()
+    wrong = plugin.process(batch_from_frames([Frame(np.zeros((64, 64)), 9)]))
+    assert len(wrong) == 0 and "shape" in wrong.problems[0][0]
+
+
+def test_no_model_passes_frames_on_unprocessed():
+    plugin = InferencePlugin()
+    out = plugin.process(batch(3))
+    assert len(out) == 3 and out.phase is None and out.skipped == [("no model loaded", 3)]
 
 
 def _collecting_driver(plugin, **kw):
-    out: list[Frame] = []
+    out: list[FrameBatch] = []
     done = threading.Event()
 
-    def sink(frames):
-        out.extend(frames)
+    def sink(b):
+        out.append(b)
         done.set()
 
-    return PluginDriver(plugin, sink=sink, **kw), out, done
+    return PluginDriver(plugin, sinks=[sink], decode=batch_from_frames, **kw), out, done
+
+
+def uids(batches) -> list[int]:
+    return [int(u) for b in batches for u in b.unique_ids]
 
 
 def test_driver_batches_and_flushes_partial_batch():
@@ -97,40 +120,46 @@ def test_driver_batches_and_flushes_partial_batch():
     plugin.load_model(onnx_bytes())
     sizes = []
     orig = plugin.process
-    plugin.process = lambda fs: (sizes.append(len(fs)), orig(fs))[1]
+    plugin.process = lambda b: (sizes.append(len(b)), orig(b))[1]
     drv, out, _ = _collecting_driver(plugin, batch_size=4, flush_s=0.05)
     for f in frames(10):  # queued before the worker starts: full batches, then a partial one
-        assert drv.push(f)
+        assert drv.push(f, unique_id=f.unique_id)
     drv.start()
     try:
         assert drv.wait_idle(30)
     finally:
         drv.stop()
     assert sizes == [4, 4, 2]
-    assert [f.unique_id for f in out] == list(range(1, 11))
+    assert uids(out) == list(range(1, 11))
     s = drv.stats()
     assert s["ArrayCounter_RBV"] == 10 and s["DroppedArrays_RBV"] == 0 and s["UniqueId_RBV"] == 10
 
 
-def test_driver_counts_drops_when_full_and_bad_frames_and_no_model():
+def test_driver_counts_drops_when_full_bad_frames_gaps_and_no_model():
     plugin = InferencePlugin()
     drv, out, _ = _collecting_driver(plugin, queue_size=3, batch_size=1)
-    accepted = [drv.push(f) for f in frames(8)]  # worker not started: the queue fills
+    accepted = [drv.push(f, unique_id=f.unique_id) for f in frames(8)]  # no worker: queue fills
     assert accepted == [True] * 3 + [False] * 5
     assert drv.stats()["DroppedArrays_RBV"] == 5 and drv.stats()["QueueFree_RBV"] == 0
+    drv.set_condition("model", 1, "No model loaded")
     drv.start()
     try:
         assert drv.wait_idle(30)
         s = drv.stats()
-        assert s["DroppedArrays_RBV"] == 8 and s["ArrayCounter_RBV"] == 0  # no model: dropped
-        assert s["Status_RBV"] == ("No model loaded", 1)
+        # no model: the frames go on to the map unprocessed (passed, not lost)
+        assert s["DroppedArrays_RBV"] == 5 and s["ArrayCounter_RBV"] == 0 and uids(out) == [1, 2, 3]
+        assert drv.passed == 3
+        assert s["Status_RBV"][:2] == ("No model loaded", 1)
         plugin.load_model(onnx_bytes())
-        drv.push(Frame(np.zeros((5, 5), np.uint32), 77))
-        drv.push(frames(1, start=78)[0])
+        drv.clear_condition("model")
+        drv.push(Frame(np.zeros((5, 5), np.uint32), 77), unique_id=77)
+        drv.push(frames(1, start=78)[0], unique_id=78)
         assert drv.wait_idle(30)
         s = drv.stats()
-        assert s["BadArrays_RBV"] == 1 and s["DroppedArrays_RBV"] == 9
-        assert s["ArrayCounter_RBV"] == 1 and [f.unique_id for f in out] == [78]
+        assert s["BadArrays_RBV"] == 1 and s["DroppedArrays_RBV"] == 6
+        assert s["ArrayCounter_RBV"] == 1 and uids(out)[-1] == 78
+        assert drv.missed == 77 - 8 - 1  # uniqueIds 9..76 never arrived
+        assert drv.received == drv.array_counter + drv.dropped + drv.passed
         assert "77" in s["Status_RBV"][0] and s["Status_RBV"][1] == 2
     finally:
         drv.stop()
@@ -150,11 +179,12 @@ def test_swap_between_batches_serves_whole_batches():
         assert drv.wait_idle(60)
     finally:
         drv.stop()
-    assert [f.unique_id for f in out] == list(range(1, 25))
-    names = [f.attributes["ModelName"] for f in out]
+    assert uids(out) == list(range(1, 25))
+    names = [b.model_name for b in out for _ in range(len(b))]
     assert names[-1] == "b" and names == sorted(names)  # a...a b...b, never back
     ref = {n: load_engine("onnxruntime", onnx_bytes(i)) for i, n in enumerate("ab")}
-    for f in out:  # each output was computed by the model it names
-        src = frames(12, start=1 if f.unique_id <= 12 else 13)[(f.unique_id - 1) % 12]
-        np.testing.assert_allclose(f.data, ref[f.attributes["ModelName"]].infer(src.data[None])[0],
-                                   rtol=1e-4, atol=1e-4)
+    for b in out:  # each output was computed by the model it names
+        for u, phase in zip(b.unique_ids, b.phase, strict=True):
+            src = frames(12, start=1 if u <= 12 else 13)[(u - 1) % 12]
+            np.testing.assert_allclose(phase, ref[b.model_name].infer(src.data[None])[0],
+                                       rtol=1e-4, atol=1e-4)

@@ -1,15 +1,19 @@
-"""Stitching plugin: positions from attributes or the planned table, equal to the offline stitch."""
+"""Stitching and refinement: vectorised batches equal the per-frame path, positions from
+attributes or the plan (by uniqueId, or by order with gaps), offsets registered, the map
+refined against the frames with a known probe, bad input refused per frame."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
-from ptychostream.ntndarray import Frame
-from ptychostream.plugins.driver import FrameError
+from ptychostream.batch import FrameBatch
+from ptychostream.geometry import frame_corner_px, place_on_grid, snap
 from ptychostream.plugins.stitching import StitchingPlugin
-from ptychostream.simulation import spiral_positions
-from ptychostream.stitch import Stitcher, stitch
+from ptychostream.refine import ProbeError, Refiner, check_probe, load_probe
+from ptychostream.simulation import make_probe, simulate_scan, spiral_positions
+from ptychostream.stitch import Stitcher, frame_weights, stitch
 
 PIXEL = 12.9e-9
 
@@ -22,74 +26,229 @@ def scan():
     return pos, phases
 
 
-def run(plugin: StitchingPlugin, frames: list[Frame]) -> None:
-    plugin.process([plugin.check(f) for f in frames])
+def reference_stitch(phases, positions, pixel, weights):
+    """The per-frame path, written independently with scipy: each image and its weights shifted
+    by the sub-pixel part of its position (bilinear), then accumulated."""
+    n = phases.shape[-1]
+    half = (n - 1) / 2 * pixel
+    origin = (snap(positions[:, 0].min() - half, pixel) - pixel * 2,
+              snap(positions[:, 1].min() - half, pixel) - pixel * 2)
+    size = int(np.ceil(np.ptp(positions) / pixel)) + n + 8
+    acc, wsum = np.zeros((size, size)), np.zeros((size, size))
+    for img, p in zip(phases, positions, strict=True):
+        r, c = frame_corner_px(p, origin, pixel, n)
+        ri, ci = int(np.floor(r)), int(np.floor(c))
+        x = ndimage.shift(np.pad(img.astype(float), ((0, 1), (0, 1)), mode="edge"),
+                          (r - ri, c - ci), order=1, mode="nearest", prefilter=False)
+        w = ndimage.shift(np.pad(weights.astype(float), ((0, 1), (0, 1))), (r - ri, c - ci),
+                          order=1, mode="grid-constant", prefilter=False)
+        acc[ri:ri + n + 1, ci:ci + n + 1] += x * w
+        wsum[ri:ri + n + 1, ci:ci + n + 1] += w
+    out = np.full(acc.shape, np.nan)
+    ok = wsum >= 0.1
+    out[ok] = acc[ok] / wsum[ok]
+    return out, origin
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "crop", "probe"])
+def test_vectorised_batches_equal_the_per_frame_path(scan, weighting):
+    pos, phases = scan
+    w = frame_weights(128, PIXEL, weighting, crop=64)
+    ref, ref_origin = reference_stitch(phases, pos, PIXEL, w)
+    for batch in (1, 5, 12):
+        s = Stitcher(PIXEL, weighting=weighting, crop=64 if weighting == "crop" else None)
+        s.add_many(phases, pos, batch=batch)
+        live = s.resample_to(ref.shape, ref_origin)
+        np.testing.assert_allclose(live, ref, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+def test_offset_registration_recovers_known_offsets():
+    s = simulate_scan(n_positions=40, step_m=100e-9, seed=3)
+    rng = np.random.default_rng(1)
+    offsets = rng.normal(0, 0.5, s.n_frames).astype(np.float32)
+    offsets[0] = 0.0  # the first image anchors the map
+    shifted = s.truth_crops + offsets[:, None, None]
+    kw = dict(weighting="probe", probe=s.probe)
+    plain, origin = stitch(shifted, s.positions_m, s.object_pixel_size_m, **kw)
+    reg, origin2 = stitch(shifted, s.positions_m, s.object_pixel_size_m, register_offsets=True,
+                          **kw)
+    truth = place_on_grid(s.truth_phase, s.truth_origin_m, s.object_pixel_size_m, plain.shape,
+                          origin)
+    lit = np.isfinite(plain) & np.isfinite(truth)
+    err_plain = np.abs(plain[lit] - truth[lit]).mean()
+    err_reg = np.abs(reg[lit] - truth[lit]).mean()
+    assert err_reg < 0.25 * err_plain and err_reg < 0.05, (err_reg, err_plain)
+
+
+def frames_batch(phases, pos, uids=None, pixel=PIXEL, data=None) -> FrameBatch:
+    b = FrameBatch.from_arrays(phases if data is None else data, uids, pos, pixel,
+                               phase=phases)
+    return b
 
 
 def test_attributes_with_plan_equal_offline_stitch(scan):
     pos, phases = scan
-    plugin = StitchingPlugin()
+    plugin = StitchingPlugin(register_offsets=False)
     plugin.set_positions(pos)
     order = np.random.default_rng(0).permutation(12)  # arrival order does not matter
-    run(plugin, [Frame(phases[i], int(i) + 1, 0.0,
-                       {"PosX": pos[i, 0], "PosY": pos[i, 1], "PixelSize": PIXEL}) for i in order])
+    plugin.process(frames_batch(phases[order], pos[order], order + 1))
     live = plugin.image()
-    offline, origin = stitch(phases, pos, PIXEL)
+    offline, origin = stitch(phases, pos, PIXEL, weighting="probe")
     assert live.attributes["NumFrames"] == 12 and plugin.n_frames == 12
     assert (live.attributes["OriginX"], live.attributes["OriginY"]) == pytest.approx(origin)
     np.testing.assert_allclose(live.data, offline, rtol=1e-6, atol=1e-6, equal_nan=True)
 
 
-def test_growing_map_without_plan_equals_stitcher_fed_alike(scan):
+def test_positions_from_table_by_unique_id_and_by_order_with_gaps(scan):
     pos, phases = scan
-    plugin = StitchingPlugin(pixel_m=PIXEL)  # no PixelSize attribute: the plugin's own
-    run(plugin, [Frame(phases[i], i + 1, 0.0, {"PosX": pos[i, 0], "PosY": pos[i, 1]})
-                 for i in range(12)])
-    ref = Stitcher(PIXEL)
-    ref.add_many(phases, pos)
-    np.testing.assert_allclose(plugin.image().data, ref.image(), rtol=1e-6, equal_nan=True)
-    assert plugin.image().attributes["OriginX"] == pytest.approx(ref.origin[0])
-
-
-def test_positions_from_table_by_unique_id_and_by_order(scan):
-    pos, phases = scan
-    by_uid = StitchingPlugin(pixel_m=PIXEL)
+    nopos = np.full((12, 2), np.nan)
+    by_uid = StitchingPlugin(pixel_m=PIXEL, register_offsets=False)
     by_uid.set_positions(pos, unique_ids=np.arange(101, 113))
-    run(by_uid, [Frame(phases[i], 101 + i) for i in reversed(range(12))])
-    by_order = StitchingPlugin(pixel_m=PIXEL)
+    by_uid.process(frames_batch(phases[::-1], nopos, np.arange(112, 100, -1), pixel=0.0))
+    offline, _ = stitch(phases, pos, PIXEL, weighting="probe")
+    np.testing.assert_allclose(by_uid.image().data, offline, rtol=1e-6, equal_nan=True)
+    # by arrival order, one frame lost (uniqueId 5 never came): the rest keep their positions
+    by_order = StitchingPlugin(pixel_m=PIXEL, register_offsets=False)
     by_order.set_positions(pos)
-    run(by_order, [Frame(phases[i], 0) for i in range(12)])
-    offline, _ = stitch(phases, pos, PIXEL)
-    for p in (by_uid, by_order):
-        np.testing.assert_allclose(p.image().data, offline, rtol=1e-6, equal_nan=True)
-    with pytest.raises(FrameError, match="more frames"):
-        by_order.check(Frame(phases[0], 0))
-    with pytest.raises(FrameError, match="not in Stitch:Positions"):
-        by_uid.check(Frame(phases[0], 5))
+    keep = np.arange(12) != 4
+    out = by_order.process(frames_batch(phases[keep], nopos[keep], np.arange(1, 13)[keep],
+                                        pixel=0.0))
+    assert len(out) == 11
+    np.testing.assert_allclose(out.positions, pos[keep])
+    late = by_order.process(frames_batch(phases[:1], nopos[:1], [13], pixel=0.0))
+    assert len(late) == 0 and "more frames than the 12 planned" in late.problems[0][0]
+    unknown = by_uid.process(frames_batch(phases[:1], nopos[:1], [5], pixel=0.0))
+    assert len(unknown) == 0 and "not in Stitch:Positions" in unknown.problems[0][0]
 
 
-def test_malformed_for_stitching():
+def test_malformed_for_stitching(scan):
+    pos, phases = scan
     plugin = StitchingPlugin()
-    img = np.zeros((128, 128), np.float32)
-    with pytest.raises(FrameError, match="no PosX/PosY"):
-        plugin.check(Frame(img, 1))
-    with pytest.raises(FrameError, match="PixelSize"):
-        plugin.check(Frame(img, 1, 0.0, {"PosX": 0.0, "PosY": 0.0}))
-    with pytest.raises(FrameError, match="square"):
-        plugin.check(Frame(np.zeros((4, 5)), 1, 0.0, {"PosX": 0.0, "PosY": 0.0, "PixelSize": 1e-8}))
+    out = plugin.process(frames_batch(phases[:1], np.full((1, 2), np.nan), pixel=0.0))
+    assert len(out) == 0 and "no PosX/PosY" in out.problems[0][0]
+    out = plugin.process(frames_batch(phases[:1], pos[:1], pixel=0.0))
+    assert len(out) == 0 and "PixelSize" in out.problems[0][0]
     with pytest.raises(ValueError):
         plugin.set_positions(np.zeros((3, 2)), unique_ids=[1, 2])
+    # a frame far outside the planned scan is refused alone; the map lives on
+    plugin.set_positions(pos)
+    far = pos.copy()
+    far[3] = (1e3, 1e3)  # metres: a unit mistake
+    out = plugin.process(frames_batch(phases, far))
+    assert len(out) == 11 and "far outside the planned scan" in out.problems[0][0]
+    assert plugin.image() is not None and plugin.n_frames == 11
+
+
+def test_map_bound_refuses_a_frame_that_would_make_the_map_huge(scan):
+    pos, phases = scan
+    plugin = StitchingPlugin(max_px=1024)  # no plan: the map grows, within its bound
+    far = pos.copy()
+    far[0] = (1.0, 1.0)  # 1 m from the rest: a map of 10^8 pixels a side
+    out = plugin.process(frames_batch(phases, far))
+    assert len(out) == 11 and plugin.n_frames == 11
+    assert max(plugin.image().data.shape) <= 1024
 
 
 def test_reset_starts_a_new_map(scan):
     pos, phases = scan
-    plugin = StitchingPlugin(pixel_m=PIXEL)
+    plugin = StitchingPlugin(pixel_m=PIXEL, register_offsets=False)
     plugin.set_positions(pos)
-    run(plugin, [Frame(phases[0], 0)])
+    plugin.process(frames_batch(phases[:1], pos[:1]))
     assert plugin.n_frames == 1
     plugin.reset()
     assert plugin.n_frames == 0 and plugin.image() is None
-    run(plugin, [Frame(phases[i], 0) for i in range(3)])  # the plan is kept, from its first row
-    ref = Stitcher(PIXEL, positions_m=pos)
+    plugin.process(frames_batch(phases[:3], pos[:3]))
+    ref = Stitcher(PIXEL, positions_m=pos, weighting="probe")
     ref.add_many(phases[:3], pos[:3])
     np.testing.assert_allclose(plugin.image().data, ref.image(), rtol=1e-6, equal_nan=True)
+
+
+# --------------------------------------------------------------------------- refinement
+@pytest.fixture(scope="module")
+def letters():
+    return simulate_scan(n_positions=120, step_m=50e-9, seed=4242, sample_kind="test")
+
+
+def figures(phase_map, origin, s):
+    from ptychostream.hpc.reconstruct import illumination_map
+
+    g = place_on_grid(phase_map, origin, s.object_pixel_size_m, s.truth_phase.shape,
+                      s.truth_origin_m)
+    ill = illumination_map(s.probe, s.positions_m, s.truth_origin_m, s.object_pixel_size_m,
+                           s.truth_phase.shape)
+    m = (ill >= 0.1 * ill.max()) & np.isfinite(g)
+    d = g[m] - s.truth_phase[m]
+    return np.corrcoef(g[m], s.truth_phase[m])[0, 1], np.abs(d - np.median(d)).mean()
+
+
+def test_refinement_without_a_network_shows_the_sample(letters):
+    s = letters
+    plugin = StitchingPlugin(probe_step=0.0)
+    plugin.set_probe(s.probe, "simulation")
+    out = plugin.process(FrameBatch.from_arrays(s.frames, None, s.positions_m,
+                                                s.object_pixel_size_m))  # no phase: no model
+    assert len(out) == s.n_frames and plugin.refining
+    img = plugin.image()
+    assert img.attributes["Refined"] == 1
+    corr, mae = figures(img.data, (img.attributes["OriginX"], img.attributes["OriginY"]), s)
+    assert corr > 0.95, corr
+    assert plugin.amplitude() is not None and plugin.probe_image().data.shape == (1, 128, 128, 2)
+    passes = plugin.passes
+    plugin.max_passes = 2.0
+    while plugin.idle():  # further passes while idle, up to max_passes
+        pass
+    assert plugin.passes > passes and plugin.passes <= plugin.max_passes + 1
+    assert "simulation" in plugin.probe_status()
+
+
+def test_refinement_off_gives_exactly_the_plain_stitch(letters):
+    s = letters
+    phases = s.truth_crops
+    plugin = StitchingPlugin(refine=False, register_offsets=False)
+    plugin.set_probe(s.probe, "simulation")
+    plugin.set_positions(s.positions_m)
+    plugin.process(FrameBatch.from_arrays(s.frames, None, s.positions_m, s.object_pixel_size_m,
+                                          phase=phases))
+    offline, _ = stitch(phases, s.positions_m, s.object_pixel_size_m, weighting="probe",
+                        probe=s.probe)
+    img = plugin.image()
+    assert img.attributes["Refined"] == 0
+    np.testing.assert_allclose(img.data, offline, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+def test_non_finite_update_leaves_the_map_as_it_was(letters):
+    s = letters
+    r = Refiner(s.probe, s.object_pixel_size_m, positions_m=s.positions_m, probe_step=0.0)
+    r.update(s.frames[:40], s.positions_m[:40])
+    before = r.complex_image()
+    bad = s.frames[40:48].astype(np.float32)
+    bad[:, 0, 0] = np.inf
+    used = r.update(bad, s.positions_m[40:48])
+    assert not used.any()
+    np.testing.assert_array_equal(r.complex_image(), before)
+    dark = np.zeros_like(s.frames[40:48])  # shutter closed: would wipe the map
+    assert not r.update(dark, s.positions_m[40:48]).any() and r.n_dark == 8
+    np.testing.assert_array_equal(r.complex_image(), before)
+
+
+def test_probes_are_checked_and_read_from_files(tmp_path, letters):
+    s = letters
+    for bad, why in [(np.zeros((128, 128), np.complex64), "all zero"),
+                     (np.full((128, 128), np.nan, np.complex64), "non-finite"),
+                     (np.ones((3, 64), np.complex64), "shape"),
+                     (s.probe * 1e20, "absurd scale")]:
+        with pytest.raises(ProbeError, match=why):
+            check_probe(bad)
+    with pytest.raises(ProbeError, match="frames are 128"):
+        check_probe(make_probe(64, PIXEL), frame_size=128)
+    np.save(tmp_path / "p.npy", s.probe)
+    p, source = load_probe(tmp_path / "p.npy")
+    assert p.shape == (1, 128, 128) and ".npy" in source
+    from ptychostream.scanfile import write_scan
+
+    path = write_scan(tmp_path / "scan.h5", s)
+    p, source = load_probe(path.read_bytes())
+    np.testing.assert_allclose(p[0], s.probe) and None
+    assert "scan file" in source
+    with pytest.raises(ProbeError, match="neither"):
+        load_probe(b"hello world, not a probe")

@@ -94,8 +94,9 @@ def test_two_pvapy_consumers_feed_one_stitched_map(epics_env, tmp_path):
             with EdgeIOC(p, stitch_inputs=[p + "phase:1", p + "phase:2"]) as ioc:
                 # pvapy's simulator sends no PosX/PosY: positions come from the table, by uniqueId
                 client.put_positions(p, scan.positions_m, unique_ids=np.arange(1, n + 1))
-                client.put(p, "Stitch:PixelSize", scan.object_pixel_size_m)
+                client.put(p, "Stitch:PixelSize", scan.object_pixel_size_m * 1e9)  # nm
                 client.put(p, "Stitch:UpdatePeriod", 0.2)
+                client.put(p, "Stitch:RegisterOffsets", 0)  # exact: independent of batching
                 srv = subprocess.Popen(
                     [str(BIN / "pvapy-ad-sim-server"), "-if", str(scan_file), "-hds",
                      "/entry/data/data", "-cn", p + "det:Image", "-nf", str(n), "-cs", str(n // 2),
@@ -117,6 +118,7 @@ def test_two_pvapy_consumers_feed_one_stitched_map(epics_env, tmp_path):
     assert outputs[1] and outputs[2], "each consumer took part of the stream"
     assert not set(outputs[1]) & set(outputs[2]), "no frame was processed twice"
     phases = np.stack([both[u] for u in range(1, n + 1)])
-    offline, origin = stitch(phases, scan.positions_m, scan.object_pixel_size_m)
+    offline, origin = stitch(phases, scan.positions_m, scan.object_pixel_size_m,
+                             weighting="probe")
     assert client.stitched_geometry(live)[0] == pytest.approx(origin)
     np.testing.assert_allclose(np.asarray(live), offline, rtol=1e-6, atol=1e-6, equal_nan=True)

@@ -125,3 +125,36 @@ def test_pvapy_ad_sim_server_feeds_the_ioc(epics_env, scan, tmp_path):
         last = ioc.table.get("NN:Phase")
         expected = ioc.inference.serving.engine.infer(scan.frames[n - 1][None])[0]
         np.testing.assert_allclose(last.data, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sim_detector_cli_streams_a_given_route(epics_env, tmp_path):
+    """--positions-file route.csv (um here): frames at exactly those positions, in order; a
+    route in the wrong units is refused with one clear line."""
+    from p4p.client.thread import Context
+
+    route = np.array([[0.0, 0.0], [0.2, 0.0], [0.2, 0.2], [0.0, 0.2], [-0.2, 0.1]])  # um
+    csv = tmp_path / "route.csv"
+    np.savetxt(csv, route, delimiter=",", header="x_um,y_um", comments="")
+    pv = epics_env["prefix"] + "route:Image"
+    got: list = []
+    with Context("pva") as ctx:
+        sub = ctx.monitor(pv, lambda v: None if isinstance(v, Exception) or not v.raw["uniqueId"]
+                          else got.append((int(v.raw["uniqueId"]), v.attrib["PosX"],
+                                           v.attrib["PosY"])),
+                          request="record[queueSize=100]", notify_disconnect=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "ptychostream.ioc.sim_detector", "--pv", pv,
+             "--positions-file", str(csv), "--positions-units", "um", "--rate", "50",
+             "--start-delay", "3", "--log-level", "WARNING"],
+            env=dict(os.environ), timeout=120, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        wait_for(lambda: len(got) == len(route), 10, "the route's frames")
+        sub.close()
+    assert [g[0] for g in got] == [1, 2, 3, 4, 5]
+    np.testing.assert_allclose([g[1:] for g in got], route * 1e-6, atol=1e-15)
+    bad = subprocess.run(
+        [sys.executable, "-m", "ptychostream.ioc.sim_detector", "--pv", pv, "--positions-file",
+         str(csv), "--positions-units", "m", "--start-delay", "0"],
+        env=dict(os.environ), timeout=120, capture_output=True, text=True)
+    assert bad.returncode == 2 and "look like um" in bad.stderr
+    assert "Traceback" not in bad.stderr
