@@ -29,7 +29,6 @@ no network rows. Refinement rows need :mod:`ptychostream.refine` (skipped while 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import math
@@ -68,26 +67,16 @@ STITCH_VARIANTS = {
 
 
 # --------------------------------------------------------------------------- helpers
-def stitch_map(phases: np.ndarray, positions_m: np.ndarray, pixel_m: float, variant: str | dict,
-               probe: np.ndarray, beam_fwhm_m: float, shape, origin) -> np.ndarray | None:
-    """Stitch with ``variant`` and return the map on the truth grid; None when this
-    ``ptychostream.stitch`` does not offer the variant's options."""
+def stitch_map(phases: np.ndarray, positions_m: np.ndarray, pixel_m: float, variant: str,
+               probe: np.ndarray, beam_fwhm_m: float, shape, origin) -> np.ndarray:
+    """Stitch with ``variant`` (:data:`STITCH_VARIANTS`); the map on the truth grid."""
     from ptychostream.stitch import stitch
 
-    params = inspect.signature(stitch).parameters
-    opts = dict(STITCH_VARIANTS[variant]) if isinstance(variant, str) else dict(variant)
+    opts = dict(STITCH_VARIANTS[variant])
     if opts.get("crop") == "beam":
         opts["crop"] = int(2 * round(beam_fwhm_m / pixel_m / 2))
-    if "weighting" in opts and "weighting" not in params:  # the stitcher before issue 8
-        if opts.pop("weighting") == "probe" or opts.pop("register_offsets", False):
-            return None
-    if opts.get("register_offsets") and "register_offsets" not in params:
-        return None
-    if "probe" in params:
-        opts["probe"] = probe
-    if "beam_fwhm_m" in params:
-        opts["beam_fwhm_m"] = beam_fwhm_m
-    image, img_origin = stitch(phases, positions_m, pixel_m, **opts)
+    image, img_origin = stitch(np.asarray(phases, np.float32), positions_m, pixel_m, probe=probe,
+                               beam_fwhm_m=beam_fwhm_m, **opts)
     return place_on_grid(image, img_origin, pixel_m, shape, origin)
 
 
@@ -167,18 +156,11 @@ def run_case(name: str, cfg: ExperimentConfig, args, engine, probe_known: np.nda
     def fig(m):
         return map_figures(m, truth, mask, drange)
 
-    variants = ["default"] + (list(STITCH_VARIANTS) if args.stitch_variants else [])
-    default_opts: dict = {}
+    variants = list(STITCH_VARIANTS) if args.stitch_variants else [args.stitch]
     for v in variants:
-        opts = default_opts if v == "default" else v
-        ceil = stitch_map(scan.truth_crops, scan.positions_m, dx, opts, probe, cfg.beam_fwhm_m,
+        ceil = stitch_map(scan.truth_crops, scan.positions_m, dx, v, probe, cfg.beam_fwhm_m,
                           truth.shape, origin)
-        if ceil is None:
-            out["stitch"][v] = "not offered by ptychostream.stitch"
-            continue
         out["stitch"][v] = {"ceiling": fig(ceil)}
-        if v == "default":
-            rows["ceiling"] = out["stitch"][v]["ceiling"]
     phases = None
     if engine is not None:
         t0 = time.perf_counter()
@@ -186,16 +168,18 @@ def run_case(name: str, cfg: ExperimentConfig, args, engine, probe_known: np.nda
         out["seconds"]["ai_inference"] = time.perf_counter() - t0
         out["frame_mae"] = frame_mae(phases, scan.truth_crops, beam_mask(scan.probe))
         for v in variants:
-            if not isinstance(out["stitch"][v], dict):
-                continue
             t0 = time.perf_counter()
-            live = stitch_map(phases, scan.positions_m, dx, default_opts if v == "default" else v,
-                              probe, cfg.beam_fwhm_m, truth.shape, origin)
+            live = stitch_map(phases, scan.positions_m, dx, v, probe, cfg.beam_fwhm_m,
+                              truth.shape, origin)
             out["stitch"][v]["ai"] = fig(live)
             out["stitch"][v]["seconds"] = time.perf_counter() - t0
-            if v == "default":
-                rows["ai"] = out["stitch"][v]["ai"]
+            if v == args.stitch:
                 out["maps"]["ai"] = live
+    chosen = out["stitch"].get(args.stitch)
+    if isinstance(chosen, dict):  # the main rows use the chosen stitching
+        rows["ceiling"] = chosen["ceiling"]
+        if "ai" in chosen:
+            rows["ai"] = chosen["ai"]
     refine_scan = _refine_api()
     if refine_scan is None:
         out["refine"] = "ptychostream.refine not available"
@@ -249,10 +233,10 @@ def print_table(result: dict) -> str:
                          f"{fm['mae_offset_removed']:.3f} with each frame's offset removed")
     lines.append("")
     lines.append(f"{'stitching (AI / ceiling corr)':<28} " + " ".join(f"{v:>12}" for v in
-                                                                       ["default", *STITCH_VARIANTS]))
+                                                                       STITCH_VARIANTS))
     for name, case in result["cases"].items():
         cells = []
-        for v in ["default", *STITCH_VARIANTS]:
+        for v in STITCH_VARIANTS:
             s = case["stitch"].get(v)
             if not isinstance(s, dict):
                 cells.append(f"{'-':>12}")
@@ -352,8 +336,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--position-error-nm", type=float, default=15.0, help="rms encoder error per axis")
     ap.add_argument("--ideal", action="store_true", help="true probe and exact positions (inverse crime)")
     ap.add_argument("--refine-passes", type=int, default=1)
+    ap.add_argument("--stitch", default="probe", choices=list(STITCH_VARIANTS),
+                    help="stitching of the main rows (the table measures all of them)")
     ap.add_argument("--no-stitch-variants", dest="stitch_variants", action="store_false",
-                    help="only the stitcher's default")
+                    help="only the --stitch variant")
     ap.add_argument("--device", help="pty-chi device (default: a GPU if there is one)")
     ap.add_argument("--threads", type=int, help="torch CPU threads for pty-chi")
     ap.add_argument("--seed-offset", type=int, default=0, help="added to every scan's seed")

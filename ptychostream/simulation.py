@@ -517,17 +517,20 @@ def forward_torch(crops, probe, photons, intensity_scale=None, generator=None, n
 
 
 def simulate_scan(cfg: ExperimentConfig | None = None, noise: bool = True, device: str | None = "cpu",
-                  **overrides) -> ScanData:
+                  positions_m: np.ndarray | None = None, **overrides) -> ScanData:
     """Simulate one spiral scan: frames, positions, metadata and the ground truth.
 
     Keyword overrides replace fields of ``cfg`` (``simulate_scan(n_positions=50)``). The frames
-    are computed at the true positions; ``positions_m`` are the recorded ones (true plus
-    ``position_error_m`` rms encoder error), the truth crops are at the true ones.
+    are computed at the true positions; ``positions_m`` of the result are the recorded ones
+    (true plus ``position_error_m`` rms encoder error), the truth crops are at the true ones.
+    ``positions_m`` given: the beam follows this route (N, 2) instead of the spiral (no jitter).
     ``device``: where torch computes the frames ("cpu" default, "cuda", None for a GPU if any).
     """
     import torch
 
     cfg = cfg or ExperimentConfig()
+    if positions_m is not None:
+        overrides["n_positions"] = len(positions_m)
     if overrides:
         cfg = ExperimentConfig(**{**cfg.__dict__, **overrides})
     rng = np.random.default_rng(cfg.seed)
@@ -535,8 +538,11 @@ def simulate_scan(cfg: ExperimentConfig | None = None, noise: bool = True, devic
     dx = cfg.object_pixel_m
     probe = make_probe(n, dx, cfg.energy_ev, cfg.beam_fwhm_m)
 
-    true_pos = spiral_positions(cfg.n_positions, cfg.step_m)
-    true_pos = true_pos + rng.normal(0, cfg.position_jitter_m, true_pos.shape)
+    if positions_m is not None:
+        true_pos = np.array(positions_m, np.float64).reshape(-1, 2)
+    else:
+        true_pos = spiral_positions(cfg.n_positions, cfg.step_m)
+        true_pos = true_pos + rng.normal(0, cfg.position_jitter_m, true_pos.shape)
     recorded = true_pos + (rng.normal(0, cfg.position_error_m, true_pos.shape)
                            if cfg.position_error_m > 0 else 0.0)
     shape, origin = map_geometry(true_pos, dx, n, margin_px=8)

@@ -245,3 +245,12 @@ def test_training_pairs_cover_a_range_of_doses():
     scaled = p["intensity_scale"] == 10
     assert 10 < scaled.sum() < 54
     assert (p["frames"][scaled] % 10 == 0).all()  # measured at 1/10 the dose, then x10
+
+
+def test_scan_along_a_given_route():
+    route = np.array([[0.0, 0.0], [100e-9, 0.0], [0.0, 250e-9]])
+    s = simulate_scan(positions_m=route, seed=3, noise=False)
+    np.testing.assert_array_equal(s.positions_m, route)
+    ref = frames_at(transmission(s.truth_phase), s.truth_origin_m, s.object_pixel_size_m, s.probe,
+                    route, s.metadata["photons_per_frame"], None)
+    np.testing.assert_allclose(s.frames, ref, rtol=1e-4, atol=1e-3 * ref.max())
