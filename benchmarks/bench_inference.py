@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Inference time per frame (µs) at batch 1, 2, 4, 8, 16 for every engine on this machine,
-beside REFERENCE.md's published RTX A6000 and AGX Xavier figures.
+"""Inference time per frame (µs) at batch 1, 2, 4, 8, 16 (and 64, 256, 1024 on a GPU) for every
+engine and precision on this machine, beside REFERENCE.md's published RTX A6000 and AGX Xavier
+figures.
 
     python benchmarks/bench_inference.py [--engines onnxruntime torch tensorrt] [--json out.json]
 
@@ -49,6 +50,33 @@ def time_engine(engine, batch: int, seconds: float, min_calls: int) -> float:
     return statistics.median(times) / batch * 1e6
 
 
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def variants(engines: list[str]) -> list[tuple[str, dict]]:
+    """Every precision of every engine: torch fp32 / bf16 (and on a GPU fp16, with and without
+    CUDA graphs); onnxruntime and TensorRT as they come."""
+    out: list[tuple[str, dict]] = []
+    for name in engines:
+        if name != "torch":
+            out.append((name, {}))
+            continue
+        if cuda_available():
+            out += [("torch", {"precision": "fp32", "cuda_graphs": False,
+                               "channels_last": False}),
+                    ("torch", {"precision": "fp16", "cuda_graphs": False}),
+                    ("torch", {"precision": "fp16"}), ("torch", {"precision": "bf16"})]
+        else:
+            out += [("torch", {"precision": "fp32"}), ("torch", {"precision": "bf16"})]
+    return out
+
+
 def machine() -> str:
     try:
         import torch
@@ -69,6 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seconds", type=float, default=2.0, help="minimum timing per batch size")
     ap.add_argument("--min-calls", type=int, default=10)
     ap.add_argument("--model", help="model file (ONNX or state dict); default: untrained PtychoNN 2.0")
+    ap.add_argument("--no-large-batches", action="store_true",
+                    help="on a GPU, do not add batches 64, 256 and 1024")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     setup_logging()
@@ -81,12 +111,16 @@ def main(argv: list[str] | None = None) -> dict:
         torch.manual_seed(0)
         model_bytes = state_dict_bytes(PtychoNN2())
     engines = args.engines or available_engines()
+    batches = list(args.batches)
+    if cuda_available() and not args.no_large_batches:  # where a GPU's best batch lies
+        batches += [b for b in (64, 256, 1024) if b not in batches]
+    args.batches = batches
     results: dict[str, dict[int, float]] = {}
-    for name in engines:
+    for name, kwargs in variants(engines):
         try:
-            engine = make_engine(name, model_bytes)  # state dicts convert to ONNX as needed
+            engine = make_engine(name, model_bytes, **kwargs)  # state dicts become ONNX as needed
         except Exception as exc:  # an engine that cannot start here is reported, not fatal
-            log.warning("engine %s unavailable: %s", name, exc)
+            log.warning("engine %s %s unavailable: %s", name, kwargs or "", exc)
             continue
         label = f"{engine.describe()} (this machine)"
         results[label] = {}

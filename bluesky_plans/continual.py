@@ -54,6 +54,7 @@ class ContinualLearner:
     train_options: dict = field(default_factory=dict)
     validate_options: dict = field(default_factory=dict)
     serving_model: str | None = None
+    deploy_probe: bool = True  # send each reconstruction's probe to the IOC (live refinement)
     history: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -152,6 +153,20 @@ def deploy(ioc, learner: ContinualLearner, trained: dict | None, name: str):
     return True
 
 
+def deploy_probe(ioc, recon_path: str | None, name: str):
+    """Send the probe a reconstruction recovered to the IOC (one PV write, validated there like
+    a model): the live map refines with the probe the HPC side measured, not a guess. Returns
+    False (the IOC keeps its old probe) when it is refused."""
+    if ioc is None or not recon_path or not hasattr(ioc.stitch, "probe"):
+        return False
+    try:
+        yield from bps.mv(ioc.stitch.probe, (recon_path, name))
+    except FailedStatus as exc:
+        log.error("the IOC refused probe %s (%s): %s", name, recon_path, exc.__cause__ or exc)
+        return False
+    return True
+
+
 # --------------------------------------------------------------------------- one scan
 def learn_from_scan(learner: ContinualLearner, scan_path: str | Path, ioc=None,
                     scan_id: str | None = None):
@@ -180,6 +195,8 @@ def learn_from_scan(learner: ContinualLearner, scan_path: str | Path, ioc=None,
     recon = yield from remote(ex, reconstruct, scan_path, str(work / f"{stem}.recon.h5"),
                               **learner.recon_options)
     record["recon"] = recon
+    if learner.deploy_probe:
+        record["probe_deployed"] = yield from deploy_probe(ioc, recon, f"probe-{stem}")
     serving_ssim = None
     if learner.serving_model:
         check = yield from remote(ex, validate, learner.serving_model, scan_path, recon,

@@ -373,7 +373,8 @@ def _group_class(group: str, **extra: Cpt) -> type[Device]:
 
 NNGroup = _group_class("NN", model=Cpt(ActionSignal, action="_deploy", kind="omitted"))
 StitchGroup = _group_class(
-    "Stitch", positions=Cpt(ActionSignal, action="_put_positions", kind="omitted")
+    "Stitch", positions=Cpt(ActionSignal, action="_put_positions", kind="omitted"),
+    probe=Cpt(ActionSignal, action="_put_probe", kind="omitted"),
 )
 QAGroup = _group_class("QA")
 
@@ -414,6 +415,28 @@ class EdgeIOC(Device):
             self.deploy(*value)
         else:
             self.deploy(value)
+
+    def deploy_probe(self, probe, name: str = "") -> str:
+        """Send a probe to the IOC's live refinement: a reconstruction or scan file, a ``.npy``
+        or an array (read here; only the probe travels, as ``.npy`` bytes). Returns the IOC's
+        ``Stitch:ProbeStatus_RBV``; raises ``ptychostream.refine.ProbeError`` if it refuses
+        (the IOC validates it, and says why on its status PV)."""
+        import io
+
+        from ptychostream.ioc.client import deploy_probe
+        from ptychostream.refine import read_probe
+
+        array, source = read_probe(probe)
+        buf = io.BytesIO()
+        np.save(buf, array)
+        return deploy_probe(self.prefix, buf.getvalue(), name=name or source,
+                            timeout=self.deploy_timeout)
+
+    def _put_probe(self, value) -> None:
+        if isinstance(value, tuple):  # (probe, name)
+            self.deploy_probe(*value)
+        else:
+            self.deploy_probe(value)
 
     def _put_positions(self, positions_m) -> None:
         from ptychostream.ioc.client import put_positions

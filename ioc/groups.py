@@ -200,7 +200,8 @@ class InferencePVs(PluginPVs):
             if done:
                 done(msg)
             return False
-        status, alarm = f"Serving {name} (v{serving.version})", OK
+        note = serving.engine.note()
+        status, alarm = f"Serving {name} (v{serving.version})" + (f"; {note}" if note else ""), OK
         if self.store is not None and save:
             try:
                 self.store.save(data, name, serving.version)

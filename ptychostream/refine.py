@@ -40,10 +40,20 @@ DEFAULT_ALPHA = 0.1
 #: passes: 0.1 -> 0.971, 0.3 -> 0.980; full passes 0.986 / 0.988); at overlap 0.6, 4.5
 #: passes: 0.1 -> 0.981, 0.3 -> 0.975
 DEFAULT_REVISIT_ALPHA = 0.3
+#: ePIE probe step, measured on the W-film letters scan at overlap 0.9 (one pass, batch 2):
+#: with a probe pty-chi reconstructed from another scan 0 -> corr 0.919, 0.5 -> 0.977; with an
+#: 850 nm probe for the 800 nm beam 0.980 -> 0.990; with the exact probe 0.997 -> 0.992
 DEFAULT_PROBE_STEP = 0.5
 #: probe steps start once the map has this many frames (a flat map would teach the probe nothing)
 DEFAULT_PROBE_START = 100
 DEFAULT_PROBE_ALPHA = 0.3
+#: frames updated together: corrections of overlapping frames summed from one map lose
+#: accuracy on a strong object (W film letters, overlap 0.9, one pass: batch 1 corr 0.998,
+#: 2 -> 0.997, 4 -> 0.993, 8 -> 0.972; at overlap 0.6 batch 1 -> 0.974, 8 -> 0.967), and on a
+#: CPU batch 2 costs no more than 8; a GPU needs bigger batches to keep up (measure:
+#: benchmarks/bench_refine.py) and further passes make up for them
+DEFAULT_BATCH = 2
+DEFAULT_GPU_BATCH = 16
 #: probe power allowed (sum |P|^2): anything outside is no probe of a detector with counts
 PROBE_POWER_RANGE = (1e-12, 1e15)
 
@@ -78,12 +88,12 @@ def check_probe(probe, frame_size: int | None = None) -> np.ndarray:
     return p.astype(np.complex64)
 
 
-def load_probe(source) -> tuple[np.ndarray, str]:
-    """A probe from a file path or bytes: ``.npy``, a reconstruction file of ours (its
-    ``probe`` dataset, all modes) or a scan file (``/entry/ptychography/probe``).
-    Returns (probe (modes, N, N) complex64, where it came from)."""
+def read_probe(source) -> tuple[np.ndarray, str]:
+    """The probe array in a file path or bytes, unchecked: ``.npy``, a reconstruction file of
+    ours (its ``probe`` dataset, all modes) or a scan file (``/entry/ptychography/probe``).
+    Returns (array, where it came from); ProbeError when there is none to read."""
     if isinstance(source, np.ndarray):
-        return check_probe(source), "array"
+        return source, "array"
     if isinstance(source, bytes | bytearray | memoryview):
         data, name = bytes(source), f"{len(source)} bytes"
     else:
@@ -95,10 +105,9 @@ def load_probe(source) -> tuple[np.ndarray, str]:
         name = str(path)
     if data[:6] == b"\x93NUMPY":
         try:
-            arr = np.load(io.BytesIO(data), allow_pickle=False)
+            return np.load(io.BytesIO(data), allow_pickle=False), f".npy {name}"
         except Exception as exc:
             raise ProbeError(f"{name}: unreadable .npy: {exc}") from exc
-        return check_probe(arr), f".npy {name}"
     if data[:8] == b"\x89HDF\r\n\x1a\n":
         import h5py
 
@@ -109,17 +118,76 @@ def load_probe(source) -> tuple[np.ndarray, str]:
                     if key in f:
                         label = f.attrs.get("recon_id", "")
                         label = label.decode() if isinstance(label, bytes) else str(label)
-                        return check_probe(f[key][()]), f"{what} {name}" + (
-                            f" ({label})" if label else "")
-        except ProbeError:
-            raise
+                        return f[key][()], f"{what} {name}" + (f" ({label})" if label else "")
         except Exception as exc:
             raise ProbeError(f"{name}: unreadable HDF5: {exc}") from exc
         raise ProbeError(f"{name} has no probe (neither /probe nor /entry/ptychography/probe)")
     raise ProbeError(f"{name} is neither .npy nor HDF5 (starts {data[:8]!r})")
 
 
+def load_probe(source) -> tuple[np.ndarray, str]:
+    """:func:`read_probe`, checked: (probe (modes, N, N) complex64, where it came from)."""
+    array, where = read_probe(source)
+    return check_probe(array), where
+
+
 # --------------------------------------------------------------------------- the refiner
+class _Windows:
+    """The N x N windows of a batch's frames on the map's layers: gather, add, write back.
+
+    On the CPU one slice per frame (cheaper than building flat indices for a few frames); on a
+    GPU one indexed kernel for the batch (fewer launches). ``put`` may write overlapping
+    windows: they carry equal values there (the pixel's old value plus its one summed update).
+    ``keep`` (a (B,) bool array) limits ``add``/``put`` to those frames."""
+
+    def __init__(self, canvas: Canvas, corners: np.ndarray, n: int) -> None:
+        import torch
+
+        self.torch = torch
+        self.layers = canvas.layers
+        self.n_frames = len(corners)
+        self.by_index = canvas.device.type != "cpu"
+        if self.by_index:
+            self.flat = canvas.window_index(corners, n)  # (B, N, N)
+        else:
+            self.slices = [(slice(r, r + n), slice(c, c + n)) for r, c in corners.tolist()]
+
+    def _frames(self, keep: np.ndarray | None) -> list[int]:
+        return list(range(self.n_frames)) if keep is None else np.nonzero(keep)[0].tolist()
+
+    def gather(self, name: str):
+        layer = self.layers[name]
+        if self.by_index:
+            return layer.view(-1)[self.flat]
+        return self.torch.stack([layer[s] for s in self.slices])
+
+    def add(self, name: str, values, keep: np.ndarray | None = None) -> None:
+        """Add per-frame values (B, N, N), or one (N, N) array, to the windows; overlaps sum."""
+        layer, idx = self.layers[name], self._frames(keep)
+        if self.by_index:
+            v = values[idx] if values.dim() == 3 else values.expand(len(idx), *values.shape)
+            layer.view(-1).index_add_(0, self.flat[idx].reshape(-1), v.reshape(-1))
+            return
+        for i in idx:
+            layer[self.slices[i]] += values[i] if values.dim() == 3 else values
+
+    def put(self, name: str, values, keep: np.ndarray | None = None) -> None:
+        layer, idx = self.layers[name], self._frames(keep)
+        if self.by_index:
+            layer.view(-1)[self.flat[idx].reshape(-1)] = values[idx].reshape(-1)
+            return
+        for i in idx:
+            layer[self.slices[i]] = values[i]
+
+    def fill(self, name: str, value: float) -> None:
+        layer = self.layers[name]
+        if self.by_index:
+            layer.view(-1)[self.flat.reshape(-1)] = value
+            return
+        for s in self.slices:
+            layer[s] = value
+
+
 class Refiner:
     """A complex map refined frame by frame; see the module docstring.
 
@@ -134,7 +202,8 @@ class Refiner:
                  probe_start: int = DEFAULT_PROBE_START,
                  revisit_alpha: float = DEFAULT_REVISIT_ALPHA, seed: str = "new",
                  positions_m: np.ndarray | None = None, device: str = "cpu",
-                 history: int = 2048, batch: int = 8, max_px: int = MAX_MAP_PX) -> None:
+                 history: int = 2048, batch: int | None = None,
+                 max_px: int = MAX_MAP_PX) -> None:
         import torch
 
         self.torch = torch
@@ -147,7 +216,8 @@ class Refiner:
         self.revisit_alpha = float(revisit_alpha)
         self._alpha_now = self.alpha
         self.seed = seed
-        self.batch = max(1, int(batch))
+        self.batch = max(1, int(batch or (DEFAULT_BATCH if self.device.type == "cpu"
+                                          else DEFAULT_GPU_BATCH)))
         self.history_size = int(history)
         self.max_px = int(max_px)
         self._lock = threading.RLock()
@@ -294,61 +364,63 @@ class Refiner:
             self._hist_n += 1
 
     # ------------------------------------------------------------------ one batch step
+    def _probe_intensity(self):
+        """(sum over modes of |P|^2 (N, N), its peak), cached until the probe changes."""
+        P = self._P
+        if getattr(self, "_p_cache", (None,))[0] is not P:
+            p_int = (P.real ** 2 + P.imag ** 2).sum(0)
+            self._p_cache = (P, p_int, p_int.max())
+        return self._p_cache[1], self._p_cache[2]
+
     def _step(self, amp, pos: np.ndarray, seed) -> np.ndarray:
         """One rPIE step (and ePIE probe step) for up to ``batch`` frames; returns good mask."""
         torch = self.torch
-        cv = self.canvas
         n = self.frame_size
-        corner = np.rint(cv.corners(pos)).astype(np.int64)
-        flat = cv.window_index(corner, n)  # (B, N, N)
-        fl = flat.reshape(-1)
-        obj, illum = cv.layers["obj"].view(-1), cv.layers["illum"].view(-1)
-        num, den = cv.layers["num"].view(-1), cv.layers["den"].view(-1)
+        corner = np.rint(self.canvas.corners(pos)).astype(np.int64)
+        win = _Windows(self.canvas, corner, n)
         P = self._P
-        p_int = (P.abs() ** 2).sum(0)  # (N, N)
-        p_max = p_int.max()
+        p_int, p_max = self._probe_intensity()
         if seed is not None:
-            self._seed(flat, seed, p_int / p_max.clamp(min=1e-30))
-        o_map = obj[flat]  # (B, N, N)
+            self._seed(win, seed, p_int / p_max.clamp(min=1e-30))
+        o_map = win.gather("obj")  # (B, N, N)
         psi = P[None] * o_map[:, None]  # (B, M, N, N)
         F = torch.fft.fft2(psi, norm="ortho")
-        model = torch.sqrt((F.abs() ** 2).sum(1, keepdim=True))
+        model = torch.sqrt((F.real ** 2 + F.imag ** 2).sum(1, keepdim=True))
         dpsi = torch.fft.ifft2(F * (amp[:, None] / model.clamp(min=1e-12)), norm="ortho") - psi
-        good = torch.isfinite(torch.view_as_real(dpsi)).flatten(1).all(1)
-        dpsi = torch.where(good[:, None, None, None], dpsi, torch.zeros_like(dpsi))
-        g = good.to(p_int.dtype)[:, None, None]
-        num.index_add_(0, fl, (P.conj()[None] * dpsi).sum(1).reshape(-1))
-        den.index_add_(0, fl, (g * p_int).reshape(-1))
+        good = torch.isfinite(torch.view_as_real(dpsi.sum((1, 2, 3))).sum(-1))  # NaN/inf carry
+        if not bool(good.all()):
+            dpsi = torch.where(good[:, None, None, None], dpsi, torch.zeros_like(dpsi))
+        win.add("num", (P.conj()[None] * dpsi).sum(1))
+        win.add("den", good.to(p_int.dtype)[:, None, None] * p_int)
         alpha = self._alpha_now
-        upd = num[flat] / ((1 - alpha) * den[flat] + alpha * p_max)
-        new = o_map + upd
-        ok_px = torch.isfinite(torch.view_as_real(new)).flatten(1).all(1)
-        good &= ok_px
-        obj[flat.reshape(len(pos), -1)[good].reshape(-1)] = new[good].reshape(-1)
-        illum.index_add_(0, flat[good].reshape(-1), p_int.expand(int(good.sum()), n, n).reshape(-1))
-        num[fl] = 0
-        den[fl] = 0
-        if self.probe_step > 0 and self.n_frames >= self.probe_start and bool(good.any()):
+        new = o_map + win.gather("num") / ((1 - alpha) * win.gather("den") + alpha * p_max)
+        good &= torch.isfinite(torch.view_as_real(new.sum((1, 2))).sum(-1))
+        keep = good.cpu().numpy()
+        win.put("obj", new, keep)
+        win.add("illum", p_int, keep)
+        win.fill("num", 0)
+        win.fill("den", 0)
+        if self.probe_step > 0 and self.n_frames >= self.probe_start and keep.any():
             Og = o_map[good]
             dP = (Og.conj()[:, None] * dpsi[good]).sum(0)
-            o_int = (Og.abs() ** 2).sum(0)
+            o_int = (Og.real ** 2 + Og.imag ** 2).sum(0)
             newP = P + self.probe_step * dP / ((1 - self.probe_alpha) * o_int
                                                + self.probe_alpha * o_int.max())
-            if bool(torch.isfinite(torch.view_as_real(newP)).all()):
+            if bool(torch.isfinite(torch.view_as_real(newP.sum())).all()):
                 self._P = newP
                 self.probe_updates += 1
-        bad = int((~good).sum())
+        bad = int((~keep).sum())
         if bad:
             self.n_nonfinite += bad
             log.debug("refinement: %d frame(s) gave a non-finite update; map left as it was", bad)
-        return good.cpu().numpy()
+        return keep
 
-    def _seed(self, flat, phase, w) -> None:
+    def _seed(self, win: _Windows, phase, w) -> None:
         """Seed with the network's phase, its constant matched to the map where the map has seen
         the sample (one pattern does not fix a constant phase): new pixels only, or blended."""
         torch = self.torch
-        obj, illum = self.canvas.layers["obj"].view(-1), self.canvas.layers["illum"].view(-1)
-        o_map, seen_w = obj[flat], illum[flat] / float((self._P.abs() ** 2).sum(0).max())
+        _, p_max = self._probe_intensity()
+        o_map, seen_w = win.gather("obj"), win.gather("illum") / p_max
         z = torch.polar(torch.ones_like(phase, dtype=torch.float32), phase.to(torch.float32))
         seen = seen_w >= SEEN
         ws = torch.where(seen, w, torch.zeros_like(w))
@@ -361,8 +433,7 @@ class Refiner:
             blend = (lit & ~seen).to(torch.float32)
         else:  # blend: a running average, weighted by illumination
             blend = torch.where(lit, w / (seen_w + w), torch.zeros_like(w))
-        new = o_map * (1 - blend) + o_map.abs() * z * blend
-        obj[flat.reshape(-1)] = new.reshape(-1)
+        win.put("obj", o_map * (1 - blend) + o_map.abs() * z * blend)
 
     # ------------------------------------------------------------------ further passes
     def revisit(self, max_frames: int | None = None) -> int:
@@ -433,7 +504,8 @@ class Refiner:
 
 
 def refine_scan(frames: np.ndarray, positions_m: np.ndarray, probe, pixel_m: float,
-                passes: int = 1, batch: int = 8, seed_phases: np.ndarray | None = None,
+                passes: int = 1, batch: int | None = None,
+                seed_phases: np.ndarray | None = None,
                 alpha: float = DEFAULT_ALPHA, probe_step: float | None = None,
                 seed: str = "new", device: str = "cpu", **options) -> tuple[np.ndarray, tuple]:
     """Offline refinement of a whole scan in arrival order, as the live stage does it: one live
@@ -443,9 +515,10 @@ def refine_scan(frames: np.ndarray, positions_m: np.ndarray, probe, pixel_m: flo
                 probe_step=DEFAULT_PROBE_STEP if probe_step is None else probe_step,
                 seed=seed, positions_m=positions_m, device=device, batch=batch,
                 history=max(len(frames), 1), **options)
-    for s in range(0, len(frames), batch):
-        r.update(frames[s:s + batch], positions_m[s:s + batch],
-                 None if seed_phases is None else seed_phases[s:s + batch])
-    for _ in range(max(0, passes - 1) * int(math.ceil(r.stored / batch))):
-        r.revisit(batch)
+    chunk = 64  # frames handed over at a time, as a stream's batches; updates go by r.batch
+    for s in range(0, len(frames), chunk):
+        r.update(frames[s:s + chunk], positions_m[s:s + chunk],
+                 None if seed_phases is None else seed_phases[s:s + chunk])
+    while r.passes < passes and r.stored:
+        r.revisit()
     return r.phase_image(), r.origin

@@ -82,9 +82,19 @@ def test_trains_deploys_then_suspends_when_the_model_matches(RE, rig, epics_env,
         version = ioc.nn.model_version.get()  # over Channel Access
         served_ssim = ioc.qa.ssim.get()
         decision = ioc.qa.decision.get()
+        probe_status = ioc.stitch.probe_status.get()
+        probe_in_use = server.stitching.probe_image()
     finally:
         server.stop()
     first, second, third = learner.history
+
+    # each reconstruction's probe went to the IOC by one PV write and refines the live map
+    assert first["probe_deployed"] and second["probe_deployed"]
+    assert "probe-cl-001" in probe_status, probe_status
+    from ptychostream.hpc import read_reconstruction
+
+    recon_probe = read_reconstruction(second["recon"]).probe
+    assert probe_in_use.data.shape[0] == recon_probe.shape[0]
 
     # scan 1: no model serving -> train, validate, deploy over pvAccess: the IOC serves v1
     assert [d["action"] for d in first["decisions"]] == ["train"]
@@ -118,7 +128,7 @@ def test_trains_deploys_then_suspends_when_the_model_matches(RE, rig, epics_env,
 
 def test_qa_pvs_follow_the_loop(RE, rig, epics_env, tmp_path):
     """QA:SSIM and QA:Decision written by the plan reach the IOC (read back over pvAccess);
-    a model the IOC refuses does not stop the plan."""
+    a model or a probe the IOC refuses does not stop the plan."""
     from ptychostream.bluesky_plans.continual import report_decision, report_ssim
     from ptychostream.hpc.policy import Decision
     from ptychostream.ioc.client import get
@@ -148,6 +158,17 @@ def test_qa_pvs_follow_the_loop(RE, rig, epics_env, tmp_path):
         learner = ContinualLearner(None, tmp_path / "work", serving_model="old.pt")
         RE(deploy(ioc, learner, {"onnx": str(bad), "state_dict": "new.pt"}, "bad"))
         assert learner.serving_model == "old.pt"
+
+        # a probe the IOC refuses (all zero): the plan goes on, the status says why
+        import numpy as np
+
+        from ptychostream.bluesky_plans.continual import deploy_probe
+
+        zero = tmp_path / "zero.npy"
+        np.save(zero, np.zeros((128, 128), np.complex64))
+        ok = RE(deploy_probe(ioc, str(zero), "zeros"))
+        status = get(epics_env["prefix"], "Stitch:ProbeStatus_RBV")
+        assert ok is not None and "zero" in status and status.severity == 2
         assert int(get(epics_env["prefix"], "NN:ModelVersion_RBV")) == 0
         assert get(epics_env["prefix"], "NN:ModelStatus_RBV").startswith("Refused")
     finally:

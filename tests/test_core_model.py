@@ -151,3 +151,34 @@ def test_load_engine_refuses_wrong_shapes_and_junk():
         load_engine("onnxruntime", b"\x00\x01garbage")
     with pytest.raises(ModelError, match="empty"):
         load_engine("onnxruntime", b"")
+
+
+def test_torch_engine_checks_reduced_precision_against_fp32():
+    """bf16 (what the CPU has of half precision) is checked against fp32 on load: a model whose
+    reduced-precision output drifts is refused with the drift in the reason, a normal one serves
+    and says how close it is (the CUDA path adds fp16, channels_last and graphs the same way)."""
+    import io
+
+    import torch
+
+    from ptychostream.engines import TorchEngine, reference_frames
+    from ptychostream.model import ModelError, PtychoNN2, state_dict_bytes
+
+    torch.manual_seed(0)
+    net = PtychoNN2()
+    plain = TorchEngine(state_dict_bytes(net), device="cpu", precision="bf16")
+    assert 0 < plain.max_diff_rad <= 0.01 and "bf16" in plain.note()
+    fp32 = TorchEngine(state_dict_bytes(net), device="cpu")
+    assert fp32.precision == "fp32" and fp32.note() == "" and "fp32" in fp32.describe()
+    x = reference_frames()
+    np.testing.assert_allclose(plain.infer(x), fp32.infer(x), atol=0.01)
+
+    # the same function computed as a small difference of large numbers: bf16 cannot hold it
+    with torch.no_grad():
+        net.decoder2[-5].bias += 1000.0  # the last ReLU'd activations: ~1000 larger
+        net.decoder2[-2].bias -= 1000.0 * net.decoder2[-2].weight.sum()
+    buf = io.BytesIO()
+    torch.save(net.state_dict(), buf)
+    with pytest.raises(ModelError, match="differs from fp32 by"):
+        TorchEngine(buf.getvalue(), device="cpu", precision="bf16")
+    assert TorchEngine(buf.getvalue(), device="cpu").max_diff_rad == 0.0

@@ -1,0 +1,103 @@
+#!/usr/bin/env python
+"""Live refinement alone: frame-updates per second and accuracy against truth, by batch size
+and device, on a simulated letters scan streamed in arrival order (ptychostream.refine).
+
+    python benchmarks/bench_refine.py [--device cpu|cuda] [--batches 1 8 32 128] [--json out.json]
+
+A batch's frames update together (corrections from the same map, summed, applied once), so a
+GPU can take big batches; this shows what that costs in accuracy. Figures are over the
+illuminated area (ptychostream.metrics), beside the flat map's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ptychostream import setup_logging
+
+log = logging.getLogger("bench_refine")
+
+
+def run(scan, batch: int, device: str, threads: int | None, probe_step: float) -> dict:
+    import torch
+
+    from ptychostream.geometry import place_on_grid
+    from ptychostream.metrics import illuminated_mask, map_figures
+    from ptychostream.refine import Refiner
+
+    if threads:
+        torch.set_num_threads(threads)
+    r = Refiner(scan.probe, scan.object_pixel_size_m, positions_m=scan.positions_m,
+                device=device, batch=batch, probe_step=probe_step, history=scan.n_frames)
+    frames = torch.as_tensor(scan.frames.astype(np.float32), device=device)
+    r.update(frames[:batch], scan.positions_m[:batch], store=False)  # warm-up (and rescale)
+    r.reset(scan.positions_m)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for s in range(0, scan.n_frames, batch):
+        r.update(frames[s:s + batch], scan.positions_m[s:s + batch])
+    sync()
+    seconds = time.perf_counter() - t0
+    truth = scan.truth_phase
+    est = place_on_grid(r.phase_image(), r.origin, scan.object_pixel_size_m, truth.shape,
+                        scan.truth_origin_m)
+    mask = illuminated_mask(scan.positions_m, truth.shape, scan.truth_origin_m,
+                            scan.object_pixel_size_m, scan.beam_fwhm_m)
+    fig = map_figures(est, truth, mask)
+    return {"batch": batch, "device": device, "frames": scan.n_frames,
+            "frames_per_s": scan.n_frames / seconds, "us_per_frame": seconds / scan.n_frames * 1e6,
+            **{k: fig[k] for k in ("ssim", "corr", "mae")}}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    ap.add_argument("--batches", nargs="*", type=int, default=[1, 8, 32, 128])
+    ap.add_argument("--positions", type=int, default=400)
+    ap.add_argument("--step-nm", type=float, default=50.0)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    ap.add_argument("--probe-step", type=float, default=0.0)
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+    setup_logging()
+    import torch
+
+    from ptychostream.metrics import flat_baseline, illuminated_mask
+    from ptychostream.simulation import simulate_scan
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    scan = simulate_scan(n_positions=args.positions, step_m=args.step_nm * 1e-9, seed=4242,
+                         sample_kind="test")
+    rows = [run(scan, b, device, args.threads, args.probe_step) for b in args.batches]
+    mask = illuminated_mask(scan.positions_m, scan.truth_phase.shape, scan.truth_origin_m,
+                            scan.object_pixel_size_m, scan.beam_fwhm_m)
+    flat = flat_baseline(scan.truth_phase, mask)
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else f"{device}, " \
+        f"{args.threads} thread(s)"
+    print(f"\nlive refinement, letters scan, {scan.n_frames} frames at {args.step_nm:.0f} nm "
+          f"(overlap {scan.step_m and 1 - 3 ** 0.5 * scan.step_m / scan.beam_fwhm_m:.2f}), "
+          f"{name}")
+    print(f"{'batch':>6} {'frames/s':>10} {'us/frame':>9} {'SSIM':>6} {'corr':>6} {'MAE rad':>8}")
+    for r in rows:
+        print(f"{r['batch']:>6} {r['frames_per_s']:>10.0f} {r['us_per_frame']:>9.0f} "
+              f"{r['ssim']:>6.3f} {r['corr']:>6.3f} {r['mae']:>8.3f}")
+    print(f"{'flat':>6} {'':>10} {'':>9} {flat['ssim']:>6.3f} {flat['corr']:>6.3f} "
+          f"{flat['mae']:>8.3f}")
+    out = {"device": name, "positions": args.positions, "step_nm": args.step_nm, "rows": rows,
+           "flat": flat}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()
