@@ -41,11 +41,12 @@ def test_reconstruction_matches_truth(hpc_scans):
     m = rec.mask
     assert 0.2 < m.mean() < 0.95
     assert np.corrcoef(rec.phase[m], truth[m])[0, 1] > 0.85
-    assert np.mean(np.abs(rec.phase[m] - truth[m])) < 0.15
+    # 15 % of the film's phase (the W film is 2.03 rad since the simulated sample became the paper's)
+    assert np.mean(np.abs(rec.phase[m] - truth[m])) < 0.15 * scan.truth_phase.max()
     core = rec.illumination >= 0.3 * rec.illumination.max()  # best-determined part
     assert np.corrcoef(rec.phase[core], truth[core])[0, 1] > 0.9
     # background (truth 0) aligned to ~0 rad: the offset rule of labels.align_phase
-    assert abs(np.median(rec.phase[m & (truth < 0.05)])) < 0.15
+    assert abs(np.median(rec.phase[m & (truth < 0.05)])) < 0.15 * scan.truth_phase.max()
 
 
 def test_labels_line_up_with_truth_crops(hpc_scans):
@@ -58,7 +59,7 @@ def test_labels_line_up_with_truth_crops(hpc_scans):
     w = lab["label_weight"].astype(bool)
     a, b = lab["labels"][w], scan.truth_crops[w]
     assert np.corrcoef(a, b)[0, 1] > 0.85
-    assert np.mean(np.abs(a - b)) < 0.15
+    assert np.mean(np.abs(a - b)) < 0.15 * scan.truth_phase.max()  # 15 % of the film's phase
     # a label shifted by 3 px lines up worse: the geometry, not just the content, is right
     shifted = np.roll(lab["labels"], 3, axis=-1)[w]
     assert np.mean(np.abs(shifted - b)) > np.mean(np.abs(a - b)) + 0.02
