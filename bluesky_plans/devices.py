@@ -31,7 +31,13 @@ from ophyd.utils import LimitError
 from ptychostream.geometry import crop_at, map_geometry
 from ptychostream.pvnames import PVS, pvname
 from ptychostream.scanfile import ScanData, median_step, write_scan
-from ptychostream.simulation import ExperimentConfig, frames_at, make_probe, make_sample
+from ptychostream.simulation import (
+    ExperimentConfig,
+    frames_at,
+    make_probe,
+    make_sample,
+    transmission,
+)
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +217,7 @@ class SimPtychoDetector(Device):
         self.phase[r0:r0 + n_in, c0:c0 + n_in] = make_sample(
             (n_in, n_in), self.pixel_m, key[0], self.cfg.phase_max, self.cfg.feature_m,
             seed=key[1], **({"text": key[3]} if key[3] else {}))
-        self._obj = np.exp(1j * self.phase.astype(np.float64))
+        self._obj = transmission(self.phase, self.cfg.energy_ev)  # the film absorbs too
         self._sample_key = key
 
     def open(self) -> None:

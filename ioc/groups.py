@@ -494,10 +494,10 @@ class StitchPVs(PluginPVs):
         old probe in use, with the reason on ProbeStatus_RBV and a MAJOR alarm."""
         from ptychostream.refine import ProbeError, load_probe
 
-        label = name or "probe"
+        label = name or (str(data) if isinstance(data, str | Path) else "probe")
         try:
             probe, source = load_probe(data)
-            self.stitching.set_probe(probe, name or source)
+            self.stitching.set_probe(probe, f"{name} ({source})" if name else source)
         except (ProbeError, ValueError) as exc:
             msg = f"Refused {label}: {exc}"
             log.warning(msg)

@@ -203,7 +203,7 @@ class EdgeIOC:
         self.nn_pvs.load_startup_model(self.model_file)
         if self._initial_probe is not None:
             p = self._initial_probe
-            self.stitch_pvs.load_probe(p, "" if not isinstance(p, str | Path) else str(p))
+            self.stitch_pvs.load_probe(p)  # named by where it came from (scan file ...)
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> EdgeIOC:

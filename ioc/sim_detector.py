@@ -24,7 +24,7 @@ import numpy as np
 
 from ptychostream.epics_env import pva_server_conf
 from ptychostream.ntndarray import Frame, ntndarray_type, to_value
-from ptychostream.scanfile import ScanData, load_positions, median_step
+from ptychostream.scanfile import ScanData, load_positions
 
 log = logging.getLogger(__name__)
 
@@ -181,27 +181,13 @@ def simulate_route(positions_m: np.ndarray, seed: int = 0, sample_kind: str = "t
                    scan_id: str = "route", noise: bool = True) -> ScanData:
     """A simulated scan along a given route (beam positions (N, 2) x, y in m): the frames a
     real scan route would give, with the core forward model and sample."""
-    from ptychostream.geometry import crop_at, map_geometry
     from ptychostream.scanfile import check_positions
-    from ptychostream.simulation import ExperimentConfig, frames_at, make_probe, make_sample
+    from ptychostream.simulation import ExperimentConfig, simulate_scan
 
-    cfg = ExperimentConfig(seed=seed, sample_kind=sample_kind, n_positions=len(positions_m))
-    dx, n = cfg.object_pixel_m, cfg.frame_size
-    positions = check_positions(positions_m, dx, cfg.beam_fwhm_m, what="route")
-    rng = np.random.default_rng(seed)
-    probe = make_probe(n, dx, cfg.energy_ev, cfg.beam_fwhm_m)
-    shape, origin = map_geometry(positions, dx, n, margin_px=8)
-    phase = make_sample(shape, dx, cfg.sample_kind, cfg.phase_max, cfg.feature_m, seed=seed + 1)
-    obj = np.exp(1j * phase.astype(np.float64))
-    frames = frames_at(obj, origin, dx, probe, positions, cfg.photons_per_frame,
-                       rng if noise else None)
-    return ScanData(
-        frames=frames, positions_m=positions, energy_ev=cfg.energy_ev,
-        detector_distance_m=cfg.detector_distance_m, detector_pixel_size_m=cfg.detector_pixel_m,
-        object_pixel_size_m=dx, step_m=median_step(positions), exposure_s=cfg.exposure_s,
-        scan_id=scan_id, beam_fwhm_m=cfg.beam_fwhm_m, probe=probe, truth_phase=phase,
-        truth_origin_m=origin, truth_crops=crop_at(phase, positions, origin, dx, n),
-    )
+    cfg = ExperimentConfig(seed=seed, sample_kind=sample_kind, n_positions=len(positions_m),
+                           scan_id=scan_id)
+    positions = check_positions(positions_m, cfg.object_pixel_m, cfg.beam_fwhm_m, what="route")
+    return simulate_scan(cfg, noise=noise, positions_m=positions)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,8 @@ def wait_for(pred, timeout: float = 30.0, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = pred()
-        if value:
+        if value is not None and value is not False and (isinstance(value, np.ndarray)
+                                                         or value):
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
