@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import random
-import socket
 import time
 from pathlib import Path
 
@@ -402,15 +401,10 @@ def _fit(data: dict, cfg: dict, rank: int = 0, world: int = 1, device: str = "cp
                         "collapse_restarts": restarts, "steps_per_epoch": steps_per_epoch}}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _init_local_group(backend: str, rank: int, world: int, port: int) -> None:
-    """A process group of processes on this machine, talking over loopback only (the store at
-    127.0.0.1 and, for gloo, its transport bound to the loopback address)."""
+def _init_local_group(backend: str, rank: int, world: int, store_path: str) -> None:
+    """A process group of processes on this machine that opens no port beyond loopback: the
+    rendezvous is a file (torch's FileStore; a TCPStore would listen on every interface) and
+    gloo's transport is bound to 127.0.0.1."""
     import torch
 
     kwargs = {}
@@ -418,15 +412,15 @@ def _init_local_group(backend: str, rank: int, world: int, port: int) -> None:
         opts = torch.distributed.ProcessGroupGloo._Options()
         opts._devices = [torch.distributed.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
         kwargs["pg_options"] = opts
-    torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}",
+    torch.distributed.init_process_group(backend, init_method=f"file://{store_path}",
                                          rank=rank, world_size=world, **kwargs)
 
 
-def _ddp_worker(rank: int, world: int, cfg: dict, result_path: str, backend: str, port: int) -> None:
+def _ddp_worker(rank: int, world: int, cfg: dict, result_path: str, backend: str, store_path: str) -> None:
     """One process per GPU, or per CPU share (torch.multiprocessing.spawn); rank 0 saves."""
     import torch
 
-    _init_local_group(backend, rank, world, port)
+    _init_local_group(backend, rank, world, store_path)
     try:
         if cfg["threads"]:
             torch.set_num_threads(int(cfg["threads"]))
@@ -524,6 +518,8 @@ def train(
     world = int(world)
     if world < 1 or (cuda and world > max(n_gpus, 1)):
         raise ValueError(f"ddp_world_size {world} is not possible on {device} ({n_gpus} GPU(s))")
+    if batch_size < world:
+        raise ValueError(f"batch_size {batch_size} is smaller than the DDP world size {world}")
     backend = cfg["ddp_backend"] or ("nccl" if cuda else "gloo")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     log.info("training on %d pairs, %d epochs, batch %d, %s%s", n, epochs, batch_size, device,
@@ -542,11 +538,16 @@ def train(
             return {"rank": rank, "world_size": world}
     elif world > 1:
         del data  # each rank loads its own copy
-        result_path = str(out / "_ddp_result.pt")
-        torch.multiprocessing.spawn(_ddp_worker, args=(world, cfg, result_path, backend, _free_port()),
-                                    nprocs=world, join=True)
+        result_path = out / "_ddp_result.pt"
+        store = out / f"_ddp_store.{os.getpid()}"
+        store.unlink(missing_ok=True)  # a FileStore must start from no file
+        try:
+            torch.multiprocessing.spawn(_ddp_worker, args=(world, cfg, str(result_path), backend, str(store)),
+                                        nprocs=world, join=True)
+        finally:
+            store.unlink(missing_ok=True)
         result = torch.load(result_path, weights_only=False)
-        Path(result_path).unlink(missing_ok=True)
+        result_path.unlink(missing_ok=True)
     else:
         result = _fit(data, cfg, 0, 1, device)
 
