@@ -363,10 +363,13 @@ def reconstruct(
     ``engine``: "ptychi" (CPU or GPU) or "tike" (GPU). ``iterations``: rPIE epochs (the paper
     ran 500 with Tike on GPUs; 20-100 suffice on CPU for the simulated scans at 100 nm step).
     ``device``: "cpu" / "cuda"; None picks a GPU when there is one. ``options`` (pty-chi):
-    batch_size (None: from the overlap, see auto_batch_size), object_step (0.2), probe_step (0.2), object_alpha / probe_alpha (0.1),
-    probe_start (1), update_probe (True), seed (0), threads (torch CPU threads);
-    (Tike): num_batch (10), update_probe. Positions are kept fixed so the geometry stays
-    the one labels and stitching use.
+    preset ("cpu" / "gpu", default by device: PTYCHI_PRESETS), batch_size or num_batch
+    (minibatches per epoch), batching (random / uniform / compact), data_on_device,
+    object_step (None: 0.2 scaled to the batch, see ptychi_settings), probe_step (0.2),
+    object_alpha / probe_alpha (0.1), probe_start (1), update_probe (True), seed (0), threads
+    (torch CPU threads); (Tike): num_batch (10), batch_method, alpha (0.05), update_probe.
+    Positions are kept fixed so the geometry stays the one labels and stitching use. The
+    settings used are in the file's ``settings`` attribute (JSON).
     """
     from ptychostream.scanfile import read_scan
 

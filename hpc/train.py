@@ -24,6 +24,7 @@ import math
 import os
 import random
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -268,6 +269,8 @@ def _fit(data: dict, cfg: dict, rank: int = 0, world: int = 1, device: str = "cp
     _warm(opt, 0, warm_steps)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[rt["amp"]]
     scaler = torch.amp.GradScaler(torch.device(device).type) if rt["amp"] == "fp16" else None
+    if scaler is not None:  # it skips the steps whose gradients overflowed; the schedule goes on
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
 
     def autocast():
         return torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None)
