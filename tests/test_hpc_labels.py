@@ -118,3 +118,24 @@ def test_make_labels_from_a_conjugated_offset_reconstruction(hpc_scans, tmp_path
     truth = read_scan(hpc_scans["scans"][0]).truth_crops
     assert np.corrcoef(b["labels"][w], truth[w])[0, 1] > 0.85
     assert np.corrcoef(raw["labels"][w], truth[w])[0, 1] < -0.5  # taken as it was: negated
+
+
+def test_compare_two_reconstructions_of_one_scan(hpc_scans, tmp_path, capsys):
+    """What `ptychostream-hpc compare` reports for Tike vs pty-chi, here on two pty-chi runs."""
+    import json
+
+    from ptychostream.hpc import ReconstructionError, compare_reconstructions, reconstruct
+    from ptychostream.hpc.cli import main
+
+    scan, recon = hpc_scans["scans"][0], hpc_scans["recons"][0]
+    same = compare_reconstructions(scan, recon, recon)
+    assert same["ssim"] == pytest.approx(1.0) and same["label_corr"] == pytest.approx(1.0)
+    assert same["label_mae_rad"] == pytest.approx(0.0, abs=1e-6) and same["n_pixels"] > 1000
+    short = reconstruct(scan, str(tmp_path / "short.h5"), iterations=2, device="cpu", threads=1)
+    assert main(["compare", scan, recon, short]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert 0.3 < out["label_corr"] < same["label_corr"] and out["ssim"] < 1.0
+    assert out["a"]["iterations"] == hpc_scans["iterations"] and out["b"]["iterations"] == 2
+    assert 0.5 < out["a"]["truth_corr"] <= 1 and 0.5 < out["b"]["truth_corr"] <= 1
+    with pytest.raises(ReconstructionError, match="is of scan"):
+        compare_reconstructions(scan, recon, hpc_scans["recons"][1])
