@@ -10,6 +10,7 @@ Globus Compute endpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -239,6 +240,56 @@ def _defer_loss_sync(reconstructor) -> None:
         metric_function=old.metric_function, always_compute_loss=old.always_compute_loss)
 
 
+@contextlib.contextmanager
+def _sync_free_patches():
+    """pty-chi's integer patch extraction and placement without their bounds checks.
+
+    Why: each call turns four GPU tensors into Python bools to decide whether to pad the object
+    (``max(-sxs.min(), 0)`` ...): 12 host synchronisations per rPIE minibatch, each one stalling
+    the CPU until the GPU has drained its queue. Used only when every probe window lies inside the
+    object (checked on the host first: our grid has a margin around the outermost frames and the
+    positions are fixed), where the padding branch never runs; the window corners are clamped to
+    the object, so even a wrong check cannot index outside it. Same arithmetic otherwise."""
+    import ptychi.image_proc as ip
+    import torch
+
+    names = ("extract_patches_integer", "place_patches_integer", "batch_slice", "batch_put")
+    if not all(hasattr(ip, name) for name in names):
+        log.warning("pty-chi internals changed: keeping its bounds-checked patch functions")
+        yield
+        return
+    originals = ip.extract_patches_integer, ip.place_patches_integer
+
+    def corners(positions, shape, image):
+        sy = (positions[:, 0] - (shape[0] - 1.0) / 2.0).round().int()
+        sx = (positions[:, 1] - (shape[1] - 1.0) / 2.0).round().int()
+        sy = torch.clamp(sy, 0, image.shape[-2] - shape[0])
+        sx = torch.clamp(sx, 0, image.shape[-1] - shape[1])
+        return sy, sx
+
+    def extract_patches_integer(image, positions, shape):
+        sy, sx = corners(positions, shape, image)
+        return ip.batch_slice(image, sy, sx, patch_size=shape, check_bounds=False)
+
+    def place_patches_integer(image, positions, patches, op="add"):
+        sy, sx = corners(positions, patches.shape[-2:], image)
+        return ip.batch_put(image, patches, sy, sx, op=op, check_bounds=False)
+
+    ip.extract_patches_integer, ip.place_patches_integer = extract_patches_integer, place_patches_integer
+    try:
+        yield
+    finally:
+        ip.extract_patches_integer, ip.place_patches_integer = originals
+
+
+def _windows_inside(scan, shape, origin) -> bool:
+    """Every frame's window (rounded as pty-chi rounds it) inside the object grid."""
+    n = scan.frame_size
+    c = np.array([frame_corner_px(p, origin, scan.object_pixel_size_m, n) for p in scan.positions_m])
+    c = np.round(c)
+    return bool(c.min() >= 1 and c[:, 0].max() + n <= shape[0] - 1 and c[:, 1].max() + n <= shape[1] - 1)
+
+
 def _run_ptychi(scan, probe0, shape, origin, iterations, device, options) -> tuple[np.ndarray, np.ndarray, dict]:
     """rPIE with pty-chi; positions fixed (the geometry must stay the one labels use)."""
     import ptychi.api as api
@@ -289,7 +340,10 @@ def _run_ptychi(scan, probe0, shape, origin, iterations, device, options) -> tup
         )
         _batch_fetching_loader(task.reconstructor)
         _defer_loss_sync(task.reconstructor)
-        task.run()
+        inside = _windows_inside(scan, shape, origin)
+        settings["sync_free_patches"] = inside
+        with _sync_free_patches() if inside else contextlib.nullcontext():
+            task.run()
         result_obj = task.get_data_to_cpu("object", as_numpy=True)[0]
         result_probe = task.get_data_to_cpu("probe", as_numpy=True)[0]
         table = task.reconstructor.loss_tracker.table

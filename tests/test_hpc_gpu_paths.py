@@ -131,16 +131,21 @@ def test_ptychi_gpu_preset_and_settings(hpc_scans, tmp_path):
     assert math.isfinite(settings["final_loss"])
 
 
-def test_batch_fetching_loader_gives_pty_chis_own_result(hpc_scans, tmp_path, monkeypatch):
-    """Frames fetched per minibatch and the loss kept on the device change nothing but speed."""
+@pytest.mark.parametrize("preset", ["cpu", "gpu"])
+def test_sync_free_pty_chi_gives_its_own_result(hpc_scans, tmp_path, monkeypatch, preset):
+    """Frames fetched per minibatch, the loss kept on the device and patches placed without the
+    bounds checks' host synchronisations change nothing but speed."""
+    import contextlib
     import importlib
 
     rm = importlib.import_module("ptychostream.hpc.reconstruct")
 
-    kw = dict(iterations=2, device="cpu", threads=1)
+    kw = dict(iterations=2, device="cpu", threads=1, preset=preset)
     fast = read_reconstruction(reconstruct(hpc_scans["scans"][1], str(tmp_path / "fast.h5"), **kw))
+    assert json.loads(fast.attrs["settings"])["sync_free_patches"]
     monkeypatch.setattr(rm, "_batch_fetching_loader", lambda reconstructor: None)
     monkeypatch.setattr(rm, "_defer_loss_sync", lambda reconstructor: None)
+    monkeypatch.setattr(rm, "_sync_free_patches", contextlib.nullcontext)
     own = read_reconstruction(reconstruct(hpc_scans["scans"][1], str(tmp_path / "own.h5"), **kw))
     np.testing.assert_allclose(fast.object, own.object, rtol=1e-4, atol=1e-5)
     a, b = json.loads(fast.attrs["settings"]), json.loads(own.attrs["settings"])
