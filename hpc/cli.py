@@ -5,6 +5,7 @@
     ptychostream-hpc append corpus/ labels.h5
     ptychostream-hpc train corpus/ model/ --epochs 50 [--warm-start model/model.pt]
     ptychostream-hpc validate model/model.onnx scan.h5 recon.h5
+    ptychostream-hpc compare scan.h5 tike.recon.h5 ptychi.recon.h5
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-modes", type=int, default=1)
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--preset", default=None, choices=["cpu", "gpu"], help="pty-chi settings (default: by device)")
+    p.add_argument("--num-batch", type=int, default=None, help="minibatches per epoch")
     p = sub.add_parser("labels", help="training labels from a scan and its reconstruction")
     p.add_argument("scan")
     p.add_argument("recon")
@@ -53,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("scan")
     p.add_argument("recon")
     p.add_argument("--max-frames", type=int, default=None)
+    p = sub.add_parser("compare", help="agreement of two reconstructions of one scan (e.g. Tike vs pty-chi)")
+    p.add_argument("scan")
+    p.add_argument("recon_a")
+    p.add_argument("recon_b")
     return ap
 
 
@@ -60,12 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     from . import corpus_append, make_labels, reconstruct, train, validate
+    from .compare import compare_reconstructions
 
     try:
         if args.cmd == "reconstruct":
+            extra = {k: v for k, v in (("threads", args.threads), ("preset", args.preset),
+                                       ("num_batch", args.num_batch)) if v}
             result = reconstruct(args.scan, args.out, engine=args.engine, iterations=args.iterations,
-                                 probe_modes=args.probe_modes, device=args.device,
-                                 **({"threads": args.threads} if args.threads else {}))
+                                 probe_modes=args.probe_modes, device=args.device, **extra)
         elif args.cmd == "labels":
             result = make_labels(args.scan, args.recon, args.out)
         elif args.cmd == "append":
@@ -74,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             result = train(args.corpus, args.out, warm_start=args.warm_start, epochs=args.epochs,
                            batch_size=args.batch_size, seed=args.seed, max_pairs=args.max_pairs,
                            device=args.device, threads=args.threads)
+        elif args.cmd == "compare":
+            result = compare_reconstructions(args.scan, args.recon_a, args.recon_b)
         else:
             result = validate(args.model, args.scan, args.recon, max_frames=args.max_frames)
     except (ValueError, RuntimeError, OSError) as exc:
