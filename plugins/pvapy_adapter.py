@@ -44,6 +44,11 @@ from ptychostream.plugins.inference import InferencePlugin
 
 log = logging.getLogger(__name__)
 
+# onnxruntime >= 1.29 sends usage telemetry from Linux too (DNS lookups of
+# mobile.events.data.microsoft.com seen from every consumer, ~15 s after start); a beamline
+# consumer must not phone home. Read once, before onnxruntime initialises; a user's setting wins.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
 _PVA_SCALAR = {float: pva.PvDouble, int: pva.PvLong, str: pva.PvString, bool: pva.PvBoolean}
 #: a child whose parent has gone flushes its queue for at most this long, then exits
 ORPHAN_FLUSH_S = 5.0
