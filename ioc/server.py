@@ -226,8 +226,9 @@ class EdgeIOC:
 
             self.stitch.on_tick = on_tick
         for pv in self.stitch_inputs:
+            # deep: a worker posts a whole batch at once, and what its server squashes is lost
             self._subs.append(self._ctx.monitor(pv, self._on_external_phase,
-                                                request=MONITOR_REQUEST))
+                                                request="record[queueSize=1024]"))
         self._stop.clear()
         log.info("edge IOC %s serving %d PVs; input %s", self.prefix, len(self.table.pvs),
                  self.input_pv or "(none)")
