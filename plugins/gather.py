@@ -12,7 +12,10 @@ the images here and releases them in uniqueId order:
 * a missing uniqueId is waited for at most ``timeout_s`` (or until ``window`` images are held);
   then the gather gives up on it, counts it in ``gaps`` and goes on with the next one held;
 * an image that arrives after its uniqueId was given up on is released at once, alone, and
-  counted in ``late`` (it is not lost, only out of order);
+  counted in ``late`` (it is not lost, only out of order); the wait then grows to twice what
+  that image needed (up to ``max_timeout_s``): workers that lag each other by more than the
+  wait (deep queues at saturation) keep their order from then on, while a frame really lost
+  costs one wait;
 * the same image twice (same uniqueId and timestamp, e.g. two workers sharing a frame) is
   dropped and counted in ``duplicates`` (and handed on with the next batch released as a
   problem, so the map stage counts it as dropped); a uniqueId seen before with another
@@ -44,16 +47,19 @@ log = logging.getLogger(__name__)
 class Gather:
     """Reorder buffer between several producers of FrameBatches and one ``sink`` (see module
     docstring). ``window``: most images held while waiting for a missing one; ``timeout_s``:
-    longest wait for a missing uniqueId; ``memory``: uniqueIds remembered after release, to tell
+    longest wait for a missing uniqueId at first (``max_timeout_s`` once late images showed
+    that the workers lag each other more); ``memory``: uniqueIds remembered after release, to tell
     duplicates from late images and restarts (default the larger of 16 * window and 8192); an
     image more than ``memory`` uniqueIds behind the stream starts a new sequence."""
 
-    def __init__(self, sink: Callable[[FrameBatch], Any], window: int = 256,
+    def __init__(self, sink: Callable[[FrameBatch], Any], window: int = 1024,
                  timeout_s: float = 0.25, memory: int | None = None,
-                 on_gaps: Callable[[int], Any] | None = None, name: str = "Gather") -> None:
+                 on_gaps: Callable[[int], Any] | None = None, name: str = "Gather",
+                 max_timeout_s: float = 2.0) -> None:
         self.sink = sink
         self.window = max(1, int(window))
-        self.timeout_s = float(timeout_s)
+        self.base_timeout_s = float(timeout_s)
+        self.max_timeout_s = max(float(max_timeout_s), self.base_timeout_s)
         self.memory = int(memory) if memory else max(16 * self.window, 8192)
         self.on_gaps = on_gaps
         self.name = name
@@ -64,6 +70,8 @@ class Gather:
     def reset(self) -> None:
         """Forget everything held and seen (counters too): a new stream."""
         with self._lock:
+            self.timeout_s = self.base_timeout_s
+            self._given_up_at: dict[int, float] = {}
             self._held: dict[int, tuple[FrameBatch, int, float]] = {}
             self._arrivals: collections.deque = collections.deque()  # (time, uid) in arrival order
             self._next: int | None = None
@@ -84,7 +92,7 @@ class Gather:
             return {"received": self.received, "released": self.released, "held": self.held,
                     "max_held": self.max_held, "duplicates": self.duplicates, "gaps": self.gaps,
                     "late": self.late, "restarts": self.restarts,
-                    "next_unique_id": self._next or 0}
+                    "next_unique_id": self._next or 0, "timeout_s": self.timeout_s}
 
     # ------------------------------------------------------------------ input
     def push(self, batch: FrameBatch) -> None:
@@ -121,6 +129,10 @@ class Gather:
             if seen is None and (uid in self._given_up or uid >= self._next - self.memory):
                 self._given_up.discard(uid)  # given up on: late, not lost
                 self.late += 1
+                gave_up = self._given_up_at.pop(uid, None)
+                if gave_up is not None:  # wait longer from now on: the workers lag this much
+                    self.timeout_s = min(self.max_timeout_s,
+                                         max(self.timeout_s, 2 * (now - gave_up + self.timeout_s)))
                 self._emit([(batch, np.array([i]))], self._next)
                 return
             if seen == ts:
@@ -145,6 +157,7 @@ class Gather:
         self._released_order.clear()
         self._given_up.clear()
         self._given_up_order.clear()
+        self._given_up_at.clear()
 
     # ------------------------------------------------------------------ output
     def poll(self) -> None:
@@ -189,11 +202,16 @@ class Gather:
     def _give_up(self, first_missing: int, next_held: int) -> None:
         n = next_held - first_missing
         self.gaps += n
+        now = time.monotonic()
         for uid in range(first_missing, min(next_held, first_missing + self.memory)):
             self._given_up.add(uid)
             self._given_up_order.append(uid)
+            if n <= self.window:  # a big jump in the numbering is not a lag to learn from
+                self._given_up_at[uid] = now
         while len(self._given_up_order) > self.memory:
-            self._given_up.discard(self._given_up_order.popleft())
+            old = self._given_up_order.popleft()
+            self._given_up.discard(old)
+            self._given_up_at.pop(old, None)
         log.debug("%s: gave up waiting for %d uniqueId(s) from %d", self.name, n, first_missing)
         if self.on_gaps is not None:
             self.on_gaps(n)

@@ -98,6 +98,23 @@ def test_a_missing_image_is_given_up_after_the_timeout_and_passed_on_if_it_comes
     assert (s["gaps"], s["late"], s["duplicates"]) == (1, 1, 0) and gaps == [1]
 
 
+def test_a_late_image_teaches_the_gather_to_wait_longer():
+    sink = Sink()
+    g = Gather(sink, timeout_s=0.05, max_timeout_s=1.0)
+    g.push(phases([1]))
+    g.push(phases([3]))  # worker A is ahead; 2 (worker B) lags
+    time.sleep(0.06)
+    g.poll()
+    time.sleep(0.1)
+    g.push(phases([2]))  # late by ~0.1 s after the give-up
+    assert g.stats()["late"] == 1 and 0.2 < g.timeout_s <= 1.0
+    g.push(phases([5]))
+    time.sleep(0.1)
+    g.poll()  # the same lag again: now waited for
+    g.push(phases([4]))
+    assert sink.uids == [1, 3, 2, 4, 5] and g.stats()["gaps"] == 1
+
+
 def test_the_window_bounds_what_is_held():
     sink = Sink()
     g = Gather(sink, window=8, timeout_s=60)
