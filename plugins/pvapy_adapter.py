@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
 import sys
 import threading
@@ -113,6 +114,13 @@ class InferenceProcessor(AdImageProcessor):
             batch_size=int(configDict.get("batchSize", 8)),
             flush_s=float(configDict.get("flushSeconds", 0.02)))
         self.n_published = 0
+        # outputs are posted from a thread of their own, while the engine runs the next batch
+        # (it releases the GIL); a bounded queue: a slow server holds inference back, never
+        # loses an image
+        self._out: queue.Queue = queue.Queue(maxsize=int(configDict.get("publishQueue", 64)))
+        self._publisher = threading.Thread(target=self._post_loop, name="consumer-publish",
+                                           daemon=True)
+        self._publisher.start()
         self._exiting = threading.Event()
         _stop_with_parent(self._parent_gone)
 
@@ -130,6 +138,12 @@ class InferenceProcessor(AdImageProcessor):
     def stop(self) -> None:
         self.driver.wait_idle(10.0)  # finish what is queued before the consumer exits
         self.driver.stop()
+        self._flush_outputs(10.0)
+
+    def _flush_outputs(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self._out.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def _parent_gone(self) -> None:
         """The consumer's parent has gone: finish the frames held, then end this process."""
@@ -142,6 +156,7 @@ class InferenceProcessor(AdImageProcessor):
         try:
             self.driver.wait_idle(ORPHAN_FLUSH_S)
             self.driver.stop(1.0)
+            self._flush_outputs(1.0)
         finally:
             logging.shutdown()
             os._exit(0)  # pvapy's threads wait for a stop command that cannot come now
@@ -172,6 +187,19 @@ class InferenceProcessor(AdImageProcessor):
     def _publish(self, batch: FrameBatch) -> None:
         if batch.phase is None:  # no model: nothing to publish (counted as dropped)
             return
+        self._out.put(batch)  # blocks only when the server is 64 batches behind
+
+    def _post_loop(self) -> None:
+        while True:
+            batch = self._out.get()
+            try:
+                self._post(batch)
+            except Exception:
+                log.exception("publishing %d phase images failed", len(batch))
+            finally:
+                self._out.task_done()
+
+    def _post(self, batch: FrameBatch) -> None:
         for i in range(len(batch)):
             f = Frame(batch.phase[i], int(batch.unique_ids[i]), float(batch.timestamps[i]),
                       batch.attributes(i))
