@@ -125,6 +125,7 @@ class PvapyFramePublisher:
         self.pv_name = pv_name
         self.count = 0
         self.subscribed = False
+        self._last = 0.0
         self._lock = threading.Lock()
         self._server = pva.PvaServer()
         self._server.addRecord(pv_name, pva.NtNdArray(), None)
@@ -169,10 +170,16 @@ class PvapyFramePublisher:
         with self._lock:
             self._server.update(self.pv_name, value)
             self.count += 1
+            self._last = time.monotonic()
 
-    def close(self) -> None:
+    def close(self, linger_s: float = 1.0) -> None:
+        """Stop serving, ``linger_s`` after the last frame: pvAccessCPP sends updates from its
+        own threads, and a record removed at once loses the ones still on their way."""
         if self._server is None:
             return
+        wait = self._last + linger_s - time.monotonic()
+        if self.count and wait > 0:
+            time.sleep(wait)
         try:
             self._server.removeRecord(self.pv_name)
         finally:
