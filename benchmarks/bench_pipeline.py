@@ -580,24 +580,40 @@ def baseline_per_frame(args, tmp: Path, scan, det: DetectorProcess, model_file: 
          "--disable-curses", "--log-level", "warning"],
         cwd=tmp, env=dict(os.environ), stdout=clog, stderr=subprocess.STDOUT,
         start_new_session=True)
+    # the same downstream as the workers' rows: the IOC gathers and stitches its outputs (they
+    # carry no positions: the plan gives them by uniqueId)
+    ioc = IOCProcess(prefix, ["--stitch-input", prefix + "out:1"], tmp, "ioc-baseline",
+                     args.device)
     outs = None
     try:
+        from ptychostream.ioc import client
+
         wait_pv([prefix + "out:1"])
+        ioc.wait_ready(model=False)
+        client.put(prefix, "Stitch:UpdatePeriod", 1.0)
+        client.put(prefix, "Stitch:PixelSize", scan.object_pixel_size_m * 1e9)
+        client.put_positions(prefix, scan.positions_m, unique_ids=np.arange(1, scan.n_frames + 1))
         outs = Arrivals([prefix + "out:1"])
         connected(prefix, 1, "the published consumer")
         time.sleep(1.0)
+        ioc.snapshot()
         det.run(0)
         settle(lambda: len(outs.arrivals), scan.n_frames, 4.0)
+        time.sleep(1.0)
+        snap = ioc.snapshot()
         got = outs.take()
         uids = list(range(1, scan.n_frames + 1))
         sent = {u: ts for u, (_, ts) in got.items()}
         for u in uids:
             sent.setdefault(u, min(sent.values()) if sent else time.time())
         ph = figures(uids, sent, {u: a for u, (a, _) in got.items()})
-        return {"sent": scan.n_frames, **ph}
+        st = figures(uids, sent, {u: t for u, t, _ in snap["stitched"]})
+        return {"sent": scan.n_frames, **ph, "stitched": len(snap["stitched"]),
+                "map_throughput_hz": st["throughput_hz"]}
     finally:
         if outs is not None:
             outs.close()
+        ioc.stop()
         consumers.send_signal(signal.SIGINT)
         try:
             consumers.wait(60)
@@ -870,10 +886,12 @@ def report(results: dict, args, load0: str) -> str:
                              f"{r['gather'].get('duplicates', 0):6d}")
     if "baseline_per_frame" in results:
         b = results["baseline_per_frame"]
-        lines += ["\npublished consumer (pvapy UserDataProcessor, onnxruntime per frame):",
+        lines += ["\npublished consumer (pvapy UserDataProcessor, onnxruntime per frame), "
+                  "its outputs stitched by the IOC as the workers' are:",
                   f"{'  detector at max rate':<40}{b['throughput_hz']:10.1f} frames/s "
                   f"({b['throughput_hz'] / bare:.2f} of bare), out {b['out']}/{b['sent']}, "
-                  f"p50 {b['latency_p50_ms']:.0f} ms, p99 {b['latency_p99_ms']:.0f} ms"]
+                  f"p50 {b['latency_p50_ms']:.0f} ms, p99 {b['latency_p99_ms']:.0f} ms; "
+                  f"map {b['map_throughput_hz']:.1f} frames/s, stitched {b['stitched']}"]
     return "\n".join(lines) + "\n"
 
 
