@@ -81,14 +81,14 @@ def test_in_order_batches_pass_straight_through():
 def test_a_missing_image_is_given_up_after_the_timeout_and_passed_on_if_it_comes_late():
     sink = Sink()
     gaps = []
-    g = Gather(sink, timeout_s=0.1, on_gaps=gaps.append)
+    g = Gather(sink, timeout_s=0.5, on_gaps=gaps.append)
     g.push(phases([1, 2, 3]))
     g.flush()
     g.push(phases([4, 6, 7]))  # 5 is missing
     assert sink.uids == [1, 2, 3, 4]
     g.poll()
     assert sink.uids == [1, 2, 3, 4], "5 is waited for"
-    time.sleep(0.12)
+    time.sleep(0.55)
     g.poll()
     assert sink.uids == [1, 2, 3, 4, 6, 7]
     g.push(phases([5]))  # late: released at once, alone
@@ -100,16 +100,16 @@ def test_a_missing_image_is_given_up_after_the_timeout_and_passed_on_if_it_comes
 
 def test_a_late_image_teaches_the_gather_to_wait_longer():
     sink = Sink()
-    g = Gather(sink, timeout_s=0.05, max_timeout_s=1.0)
+    g = Gather(sink, timeout_s=0.05, max_timeout_s=5.0)
     g.push(phases([1]))
     g.push(phases([3]))  # worker A is ahead; 2 (worker B) lags
     time.sleep(0.06)
     g.poll()
-    time.sleep(0.1)
-    g.push(phases([2]))  # late by ~0.1 s after the give-up
-    assert g.stats()["late"] == 1 and 0.2 < g.timeout_s <= 1.0
+    time.sleep(0.3)
+    g.push(phases([2]))  # late by ~0.3 s after the give-up
+    assert g.stats()["late"] == 1 and 0.6 < g.timeout_s <= 5.0
     g.push(phases([5]))
-    time.sleep(0.1)
+    time.sleep(0.05)
     g.poll()  # the same lag again: now waited for
     g.push(phases([4]))
     assert sink.uids == [1, 3, 2, 4, 5] and g.stats()["gaps"] == 1
