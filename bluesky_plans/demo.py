@@ -7,9 +7,13 @@ edge IOC (in-process, with its Channel Access mirror) and the local HPC executor
    reconstruction, labels, training (warm start) and validation on the executor, and the new
    model deployed to the IOC by a PV write (the continual-learning plan);
 2. a test scan over features the network never saw (letters), streamed live through the IOC,
-   which infers and stitches every frame; then a sparse scan of the same letters;
-3. iterative reconstructions of both, SSIM of the live map against truth and iterative;
-4. a table (printed and ``demo.json``) and figures (``stitched_*.png``, ``ssim_rounds.png``).
+   which infers every frame and refines its map against each frame with the probe the HPC
+   reconstruction recovered (the first scan's probe comes from the simulation); then a sparse
+   scan of the same letters;
+3. iterative reconstructions of both; every map (flat, network alone, live, iterative) scored
+   against the truth over the illuminated area: SSIM, correlation and MAE;
+4. a table (printed and ``demo.json``) and figures (``stitched_*.png``: truth | network | live |
+   iterative, and ``ssim_rounds.png``).
 
     ptychostream demo --quick        # under a minute on 2 cores
     ptychostream demo --out demo-output --prefix DEMO:
@@ -85,60 +89,94 @@ class DemoConfig:
 
 
 # --------------------------------------------------------------------------- analysis helpers
-def compare_maps(live: np.ndarray, live_origin, scan_path: str, recon_path: str) -> dict:
-    """SSIM of the live stitched map, the iterative phase and the truth, on the reconstruction's
-    well-illuminated region. Returns the SSIMs and the three maps cropped to that region."""
+MAPS = ("flat", "network", "live", "iterative")
+MAP_TITLES = {"network": "network alone (offline stitch)",
+              "live": "live map at the IOC (refined)", "iterative": "iterative (pty-chi rPIE)",
+              "flat": "flat map"}
+
+
+def network_map(model_path: str | None, scan_path: str, shape, origin_m, pixel_m: float):
+    """The serving network's phases stitched offline as the IOC stitches them (probe weights,
+    offsets registered), on a given grid; None without a model."""
+    if not model_path:
+        return None
+    from ptychostream.engines import load_engine
+    from ptychostream.scanfile import read_scan
+    from ptychostream.stitch import Stitcher
+
+    scan = read_scan(scan_path)
+    phases = load_engine("onnxruntime", model_path).infer(scan.frames)
+    st = Stitcher(pixel_m, scan.frame_size, positions_m=scan.positions_m, weighting="probe",
+                  probe=scan.probe, beam_fwhm_m=scan.beam_fwhm_m, register_offsets=True)
+    st.add_many(phases, scan.positions_m, batch=8)
+    return st.resample_to(shape, origin_m)
+
+
+def compare_maps(live: np.ndarray, live_origin, scan_path: str, recon_path: str,
+                 model_path: str | None = None) -> tuple[dict, dict]:
+    """Every map against the truth over the illuminated area (ptychostream.metrics): SSIM,
+    correlation and MAE of the flat map, the network alone, the live IOC map and the iterative
+    reconstruction, and SSIM of the live map against the iterative one. Returns (figures, maps
+    cropped to the area, offsets matched)."""
     from ptychostream.hpc import read_reconstruction
-    from ptychostream.metrics import phase_ssim
+    from ptychostream.metrics import align_median, illuminated_mask, map_figures, phase_ssim
     from ptychostream.scanfile import read_scan
 
     rec = read_reconstruction(recon_path)
     scan = read_scan(scan_path, frames=False)
     shape, px = rec.phase.shape, rec.pixel_size_m
-    live_g = place_on_grid(live, live_origin, px, shape, rec.origin_m)
-    truth_g = place_on_grid(scan.truth_phase, scan.truth_origin_m, px, shape, rec.origin_m)
-    mask = rec.mask & np.isfinite(live_g) & np.isfinite(truth_g)
-    out = {
-        "ssim_live_truth": phase_ssim(live_g, truth_g, mask=mask),
-        "ssim_live_iterative": phase_ssim(live_g, rec.phase, mask=mask),
-        "ssim_iterative_truth": phase_ssim(rec.phase, truth_g, mask=mask),
-        "region_px": int(mask.sum()),
-    }
+    truth = place_on_grid(scan.truth_phase, scan.truth_origin_m, px, shape, rec.origin_m)
+    mask = illuminated_mask(scan.positions_m, shape, rec.origin_m, px, scan.beam_fwhm_m)
+    mask &= np.isfinite(truth)
+    maps = {"live": place_on_grid(live, live_origin, px, shape, rec.origin_m),
+            "iterative": rec.phase, "flat": np.zeros(shape, np.float32)}
+    net = network_map(model_path, scan_path, shape, rec.origin_m, px)
+    if net is not None:
+        maps["network"] = net
+    figures = {k: map_figures(v, truth, mask) for k, v in maps.items()}
+    ok = mask & np.isfinite(maps["live"])
+    out = {"figures": figures, "region_px": int(mask.sum()),
+           "ssim_live_truth": figures["live"]["ssim"],
+           "ssim_live_iterative": phase_ssim(maps["live"], rec.phase, mask=ok),
+           "ssim_iterative_truth": figures["iterative"]["ssim"]}
     rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
     box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
-    m = mask[box]
 
     def crop(a):
-        a = np.array(a[box], np.float32)
-        a = a - np.nanmedian(a[m])  # phase is known up to a constant
-        a[~m] = np.nan
+        a = np.array(align_median(a, truth, mask)[box], np.float32)
+        a[~mask[box]] = np.nan
         return a
 
-    maps = {"live": crop(live_g), "iterative": crop(rec.phase), "truth": crop(truth_g)}
-    return out, maps
+    shown = {k: crop(v) for k, v in maps.items() if k != "flat"}
+    shown["truth"] = crop(truth)
+    return out, shown
 
 
-def plot_maps(path: Path, title: str, maps: dict, ssims: dict) -> None:
+def plot_maps(path: Path, title: str, maps: dict, result: dict) -> None:
+    """truth | network | live | iterative, one grey scale, each with its three figures."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.2), constrained_layout=True)
+    keys = ["truth", *(k for k in ("network", "live", "iterative") if k in maps)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 4.2), constrained_layout=True)
     lo = np.nanpercentile(maps["truth"], 1) - 0.2
     hi = np.nanpercentile(maps["truth"], 99) + 0.2
-    labels = {
-        "live": f"live AI, stitched at the IOC\nSSIM vs truth {ssims['ssim_live_truth']:.2f}, "
-                f"vs iterative {ssims['ssim_live_iterative']:.2f}",
-        "iterative": f"iterative (pty-chi rPIE)\nSSIM vs truth {ssims['ssim_iterative_truth']:.2f}",
-        "truth": "truth",
-    }
-    for ax, key in zip(axes, ("live", "iterative", "truth"), strict=True):
+    fl = result["figures"]["flat"]
+    for ax, key in zip(np.atleast_1d(axes), keys, strict=True):
         im = ax.imshow(maps[key], cmap="gray", vmin=lo, vmax=hi)
-        ax.set_title(labels[key], fontsize=9)
+        if key == "truth":
+            label = (f"truth\n(flat map: SSIM {fl['ssim']:.2f}, corr 0, "
+                     f"MAE {fl['mae']:.2f} rad)")
+        else:
+            f = result["figures"][key]
+            label = (f"{MAP_TITLES[key]}\nSSIM {f['ssim']:.2f}, corr {f['corr']:.2f}, "
+                     f"MAE {f['mae']:.2f} rad")
+        ax.set_title(label, fontsize=8)
         ax.set_axis_off()
     fig.colorbar(im, ax=axes, shrink=0.8, label="phase (rad)")
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
@@ -184,6 +222,18 @@ def format_table(summary: dict) -> str:
             f"{s['overlap']:>7.2f} {s['detector_hz']:>7.1f} {s['ioc_frames']:>6} {s['drops']:>5} "
             f"{'v' + str(s['model_version']):>5} {f('ssim_live_truth'):>15} "
             f"{f('ssim_live_iterative'):>9} {f('ssim_iterative_truth'):>10}")
+    lines.append("")
+    lines.append("maps against the truth over the illuminated area (offset matched): "
+                 "SSIM / correlation / MAE (rad)")
+    lines.append(f"{'scan':<10} " + " ".join(f"{k:>22}" for k in MAPS))
+    for s in summary["scans"]:
+        figs = s.get("figures")
+        if not figs:
+            continue
+        cells = [("-" if k not in figs else
+                  f"{figs[k]['ssim']:.2f} / {figs[k]['corr']:.3f} / {figs[k]['mae']:.3f}")
+                 for k in MAPS]
+        lines.append(f"{s['name']:<10} " + " ".join(f"{c:>22}" for c in cells))
     lines.append("")
     lines.append(f"{'round':<6} {'scan':<10} {'pairs':>6} {'train s':>8} {'recon s':>8} "
                  f"{'SSIM new':>8} {'deployed':>8} decision")
@@ -279,9 +329,10 @@ def run_demo(out_dir: str | Path = "demo-output", quick: bool = False, prefix: s
                             seed=cfg.seed)
     det.acquire_time.put(cfg.exposure_s)
     det.open()
+    base = _base_model()  # the shipped base model, when a GPU run has shipped one
     # the very first scan's probe comes from the simulation; later ones from HPC reconstructions
     server = EdgeIOCServer(prefix=prefix, input_pv=det.pv_name.get(), ca_mirror=True,
-                           probe=det.probe,
+                           probe=det.probe, model_file=base,
                            batch_size=cfg.ioc_batch_size)
     server.start()
     from ptychostream.bluesky_plans.session import _quiet_requested_aborts
@@ -307,6 +358,7 @@ def run_demo(out_dir: str | Path = "demo-output", quick: bool = False, prefix: s
             recon_options={"iterations": cfg.iterations, "device": "cpu"},
             train_options={"epochs": cfg.epochs, "batch_size": cfg.batch_size,
                            "max_pairs": cfg.max_pairs, "progress": False, "seed": cfg.seed},
+            serving_model=base,  # the loop warm-starts from the base model
         )
         t_train = time.perf_counter()
         summary["timing"] = {"startup_s": t_train - t_start}
@@ -374,7 +426,7 @@ def run_demo(out_dir: str | Path = "demo-output", quick: bool = False, prefix: s
 
             RE(iterate())
             ssims, maps = compare_maps(np.asarray(live), live_origin, s["scan_file"],
-                                       box["recon"])
+                                       box["recon"], learner.serving_model)
             s.update(ssims)
             s["validate_ssim"] = box["ssim"]
             s["decision"] = f"{box['decision'].action}: {box['decision'].reason}"
@@ -383,9 +435,12 @@ def run_demo(out_dir: str | Path = "demo-output", quick: bool = False, prefix: s
             png = out / f"stitched_{name}.png"
             plot_maps(png, f"{name} scan: {s['frames']} frames, step {step * 1e9:.0f} nm "
                       f"(overlap {s['overlap']:.2f}), model v{s['model_version']}", maps, ssims)
-            log.info("== %s: SSIM live vs truth %.3f, live vs iterative %.3f, iterative vs "
-                     "truth %.3f; wrote %s", name, ssims["ssim_live_truth"],
-                     ssims["ssim_live_iterative"], ssims["ssim_iterative_truth"], png)
+            f = ssims["figures"]
+            log.info("== %s vs truth (SSIM/corr/MAE): live %.2f/%.3f/%.3f, iterative "
+                     "%.2f/%.3f/%.3f, flat %.2f/0/%.3f; wrote %s", name,
+                     *(f["live"][k] for k in ("ssim", "corr", "mae")),
+                     *(f["iterative"][k] for k in ("ssim", "corr", "mae")),
+                     f["flat"]["ssim"], f["flat"]["mae"], png)
         plot_rounds(out / "ssim_rounds.png", summary["rounds"], results)
         summary["ioc_ms_per_frame"] = float(ioc.nn.execution_time.get())
         summary["ioc_engine"] = str(ioc.nn.engine.get())
@@ -405,6 +460,18 @@ def run_demo(out_dir: str | Path = "demo-output", quick: bool = False, prefix: s
         executor.shutdown(wait=True, cancel_futures=True)
         server.stop()
         det.close()
+
+
+def _base_model() -> str | None:
+    """The shipped base model's path, or None (said once) while no GPU run has shipped one."""
+    from ptychostream.basemodel import builtin_model_path
+    from ptychostream.modelfile import ModelError
+
+    try:
+        return str(builtin_model_path())
+    except ModelError as exc:
+        log.info("the network starts untrained: %s", exc)
+        return None
 
 
 def _terminate_workers(executor) -> None:

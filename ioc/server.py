@@ -130,6 +130,7 @@ class EdgeIOC:
         self.memory_headroom_mb = float(memory_headroom_mb)
         self.memory_resets = 0
         self.memory_base_mb = 0.0  # RSS the guard measures growth from (set at start)
+        self.gather = None  # scale-out: consumers' phases in uniqueId order (start, stitch inputs)
         self._startup_load = None
         self._stop = threading.Event()
         self.input_connected = threading.Event()  # set while the input monitor has a channel
@@ -176,7 +177,8 @@ class EdgeIOC:
             self.nn.reject(f"{exc.__class__.__name__}: {exc}")
 
     def _on_external_phase(self, value) -> None:
-        """Scale-out: a consumer's phase image goes straight to the map stage."""
+        """Scale-out: a consumer's phase image goes to the gather, which hands the images of all
+        consumers to the map stage in uniqueId order (see ptychostream.plugins.gather)."""
         from ptychostream.ntndarray import batch_from_values, is_placeholder
 
         try:
@@ -187,10 +189,17 @@ class EdgeIOC:
             if batch.extra and "ModelVersion" in batch.extra[0]:
                 batch.model_version = int(batch.extra[0].pop("ModelVersion") or 0)
                 batch.model_name = str(batch.extra[0].pop("ModelName", ""))
-            self.stitch.push_batch(batch) if len(batch) else self.stitch.reject(
-                batch.problems[0][0] if batch.problems else "empty phase image")
+            if len(batch):
+                self.gather.push(batch)
+            else:
+                self.stitch.reject(batch.problems[0][0] if batch.problems
+                                   else "empty phase image")
         except Exception as exc:
             self.stitch.reject(f"phase image: {exc.__class__.__name__}: {exc}")
+
+    def _count_gaps(self, n: int) -> None:
+        """uniqueIds no consumer delivered within the gather's timeout: missed by the map."""
+        self.stitch.missed += n
 
     # ------------------------------------------------------------------ models and probes
     def wait_model(self, timeout: float = 60.0) -> int:
@@ -248,9 +257,23 @@ class EdgeIOC:
             self._input_timer.start()
         else:
             log.info("no --input: only --stitch-input phases (if any) reach the map")
+        if self.stitch_inputs and self.gather is None:
+            from ptychostream.plugins.gather import Gather
+
+            self.gather = Gather(self.stitch.push_batch, on_gaps=self._count_gaps,
+                                 name="Stitch gather")
+            tick = self.stitch.on_tick  # the map stage's tick also releases what waited too long
+
+            def on_tick() -> None:
+                self.gather.poll()
+                if tick is not None:
+                    tick()
+
+            self.stitch.on_tick = on_tick
         for pv in self.stitch_inputs:
+            # deep: a worker posts a whole batch at once, and what its server squashes is lost
             self._subs.append(self._ctx.monitor(pv, self._on_external_phase,
-                                                request=MONITOR_REQUEST))
+                                                request="record[queueSize=1024]"))
         self._stop.clear()
         if self.memory_headroom_mb > 0:
             threading.Thread(target=self._guard_memory, name="ioc-memory-guard",

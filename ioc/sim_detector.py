@@ -8,6 +8,12 @@ PosX/PosY (m) and PixelSize (object pixel, m) the IOC's stitcher uses.
     ptychostream-sim-detector --pv 13SIM1:Pva1:Image --scan-file scan.h5 --repeat 0
     ptychostream-sim-detector --pv 13SIM1:Pva1:Image --positions-file route.csv --loopback
 
+The command serves its PV as an areaDetector PVA plugin does, through pvDatabase (pvapy's
+``PvaServer``, ``--server pvapy``, the default when pvapy is installed), so several
+``pvapy-hpc-consumer`` processes can share the stream through the data distributor
+(``--distributor-updates``). A p4p (pvxs) server (``--server p4p``) has no distributor: a
+consumer asking for one receives nothing from it.
+
 The detector follows the host's EPICS environment (EPICS_PVAS_*), as any IOC does;
 ``--loopback`` keeps it on 127.0.0.1 (tests, demos, a laptop).
 """
@@ -101,6 +107,98 @@ class FramePublisher:
         self.close()
 
 
+class PvapyFramePublisher:
+    """FramePublisher's interface on pvapy's ``PvaServer`` (pvAccessCPP and pvDatabase), which
+    serves pvDatabase's data distributor plugin (``pydistributor``) as an areaDetector PVA
+    plugin serves pvDatabase's: ``pvapy-hpc-consumer --n-consumers N --distributor-updates 1``
+    then shares the stream among N consumers, each frame going to one of them.
+
+    pvAccessCPP reads the EPICS_* variables once per process: use it in its own process (the
+    ``ptychostream-sim-detector`` command), not beside p4p. It cannot tell who is listening, so
+    ``subscribed`` stays False and ``wait_for_subscriber`` waits its timeout.
+    """
+
+    def __init__(self, pv_name: str, open_empty: bool = True) -> None:
+        import pvaccess as pva
+
+        self._pva = pva
+        self.pv_name = pv_name
+        self.count = 0
+        self.subscribed = False
+        self._last = 0.0
+        self._lock = threading.Lock()
+        self._server = pva.PvaServer()
+        self._server.addRecord(pv_name, pva.NtNdArray(), None)
+        if open_empty:  # uniqueId 0, no pixels: what an areaDetector PVA plugin holds at first
+            self._server.update(pv_name, pva.NtNdArray())
+        log.debug("PvapyFramePublisher serving %s", pv_name)
+
+    def wait_for_subscriber(self, timeout: float = 10.0) -> bool:
+        time.sleep(max(0.0, timeout))
+        return False
+
+    def _value(self, data: np.ndarray, unique_id: int, attributes: dict, timestamp: float):
+        from pvapy.utility.adImageUtility import AdImageUtility
+
+        pva = self._pva
+        out = AdImageUtility.generateNtNdArray2D(int(unique_id) & 0x7FFFFFFF,
+                                                 np.ascontiguousarray(data))
+        stamp = pva.PvTimeStamp(timestamp)
+        out["timeStamp"] = stamp
+        out["dataTimeStamp"] = stamp
+        out["descriptor"] = ""
+        attrs = [pva.NtAttribute("ColorMode", pva.PvInt(0))]
+        for name, value in attributes.items():
+            if isinstance(value, np.generic):
+                value = value.item()
+            if isinstance(value, bool):
+                attrs.append(pva.NtAttribute(name, pva.PvBoolean(value)))
+            elif isinstance(value, int):
+                attrs.append(pva.NtAttribute(name, pva.PvLong(value)))
+            elif isinstance(value, float):
+                attrs.append(pva.NtAttribute(name, pva.PvDouble(value)))
+            elif isinstance(value, str):
+                attrs.append(pva.NtAttribute(name, pva.PvString(value)))
+        out["attribute"] = attrs
+        return out
+
+    def publish(self, data: np.ndarray, unique_id: int, attributes: dict | None = None,
+                timestamp: float | None = None) -> None:
+        """Post one frame (2-D array) with its uniqueId, attributes and timestamp (default now)."""
+        value = self._value(np.asarray(data), unique_id, dict(attributes or {}),
+                            timestamp or time.time())
+        with self._lock:
+            self._server.update(self.pv_name, value)
+            self.count += 1
+            self._last = time.monotonic()
+
+    def close(self, linger_s: float = 1.0) -> None:
+        """Stop serving, ``linger_s`` after the last frame: pvAccessCPP sends updates from its
+        own threads, and a record removed at once loses the ones still on their way."""
+        if self._server is None:
+            return
+        wait = self._last + linger_s - time.monotonic()
+        if self.count and wait > 0:
+            time.sleep(wait)
+        try:
+            self._server.removeRecord(self.pv_name)
+        finally:
+            self._server.stop()
+            self._server = None
+
+    def __enter__(self) -> PvapyFramePublisher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _pvapy_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("pvaccess") is not None
+
+
 class SimDetector:
     """Streams the frames of a scan through a FramePublisher at ``rate`` frames/s.
 
@@ -109,7 +207,8 @@ class SimDetector:
     """
 
     def __init__(self, pv_name: str, scan: ScanData, rate: float = 100.0, repeat: int = 1,
-                 first_unique_id: int = 1, publisher: FramePublisher | None = None) -> None:
+                 first_unique_id: int = 1,
+                 publisher: FramePublisher | PvapyFramePublisher | None = None) -> None:
         self.scan = scan
         self.rate = rate
         self.repeat = repeat
@@ -214,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=1, help="passes over the scan (0: forever)")
     p.add_argument("--start-delay", type=float, default=1.0,
                    help="seconds to wait before the first frame, so monitors can connect")
+    p.add_argument("--server", choices=["pvapy", "p4p"], default=None,
+                   help="pvAccess server: pvapy (pvDatabase, with the data distributor that "
+                   "pvapy-hpc-consumer --distributor-updates uses; the default when pvapy is "
+                   "installed) or p4p")
     p.add_argument("--loopback", action="store_true",
                    help="serve on 127.0.0.1 only (sets the EPICS_* variables not already set)")
     p.add_argument("--log-level", default="INFO")
@@ -246,7 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ScanFileError, OSError) as exc:
         log.error("%s", exc)
         return 2
-    det = SimDetector(args.pv, scan, rate=args.rate, repeat=args.repeat)
+    server = args.server or ("pvapy" if _pvapy_installed() else "p4p")
+    publisher = PvapyFramePublisher(args.pv) if server == "pvapy" else FramePublisher(args.pv)
+    log.info("serving %s with %s", args.pv, server)
+    det = SimDetector(args.pv, scan, rate=args.rate, repeat=args.repeat, publisher=publisher)
     try:
         time.sleep(max(0.0, args.start_delay))
         det.run()

@@ -2,22 +2,36 @@
 
 The same InferencePlugin and PluginDriver the IOC uses (batching, flush of partial batches,
 counters) behind pvapy's ``AdImageProcessor`` interface. Several consumers share one detector
-stream through the pvDatabase distributor; the IOC's stitcher takes all their outputs
+stream through pvDatabase's data distributor, which the detector's server provides (an
+areaDetector PVA plugin, ``pvapy-ad-sim-server``, ``ptychostream-sim-detector``); the IOC's
+stitcher gathers all their outputs in uniqueId order
 (``ptychostream-ioc --stitch-input pvapy:phase:1 --stitch-input pvapy:phase:2``)::
 
     pvapy-hpc-consumer --input-channel 13SIM1:Pva1:Image --n-consumers 2 \\
         --distributor-updates 1 --output-channel pvapy:phase:* \\
-        --processor-file $(python -c 'import ptychostream.plugins.pvapy_adapter as m; print(m.__file__)') \\
-        --processor-class InferenceProcessor \\
+        --processor-class ptychostream.plugins.pvapy_adapter.InferenceProcessor \\
         --processor-args '{"modelFile": "model.onnx", "batchSize": 8, "engine": "onnxruntime"}'
 
-processor args: modelFile (required to produce output), engine, batchSize, intensityScale,
-flushSeconds, queueSize.
+Each output keeps its frame's uniqueId, timestamps and attributes (PosX/PosY, PixelSize, ...),
+so the IOC places it without a positions table. processor args: modelFile (required to produce
+output), engine, batchSize, intensityScale, flushSeconds, queueSize, threads (engine threads
+per consumer; 0: the engine's default), spinning (onnxruntime threads spin while idle; default
+false, as the consumers share the cores).
+
+With ``--n-consumers`` > 1 the consumers are child processes of ``pvapy-hpc-consumer``. SIGINT
+to the parent stops them through pvapy's own stop command; if the parent ends any other way
+(SIGTERM, SIGKILL, a crash), each child is told by the kernel (``PR_SET_PDEATHSIG``, else a
+watchdog thread), finishes the frames it holds and exits, so no consumer outlives its parent.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import queue
+import signal
+import sys
+import threading
 import time
 
 import numpy as np
@@ -31,7 +45,14 @@ from ptychostream.plugins.inference import InferencePlugin
 
 log = logging.getLogger(__name__)
 
+# onnxruntime >= 1.29 sends usage telemetry from Linux too (DNS lookups of
+# mobile.events.data.microsoft.com seen from every consumer, ~15 s after start); a beamline
+# consumer must not phone home. Read once, before onnxruntime initialises; a user's setting wins.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
 _PVA_SCALAR = {float: pva.PvDouble, int: pva.PvLong, str: pva.PvString, bool: pva.PvBoolean}
+#: a child whose parent has gone flushes its queue for at most this long, then exits
+ORPHAN_FLUSH_S = 5.0
 
 
 def frame_from_pvobject(pv_object) -> Frame:
@@ -73,18 +94,35 @@ class InferenceProcessor(AdImageProcessor):
     def __init__(self, configDict: dict | None = None) -> None:  # noqa: N803 (pvapy's API)
         configDict = dict(configDict or {})
         super().__init__(configDict)
-        self.plugin = InferencePlugin(configDict.get("engine", "onnxruntime"),
-                                      float(configDict.get("intensityScale", 1.0)))
+        engine = configDict.get("engine", "onnxruntime")
+        engine_kwargs = {}
+        if engine == "onnxruntime":
+            engine_kwargs["spinning"] = bool(configDict.get("spinning", False))
+            if int(configDict.get("threads", 0)):
+                engine_kwargs["threads"] = int(configDict["threads"])
+        self.plugin = InferencePlugin(engine, float(configDict.get("intensityScale", 1.0)),
+                                      engine_kwargs)
         model_file = configDict.get("modelFile")
         if model_file:
             with open(model_file, "rb") as fh:
                 self.plugin.load_model(fh.read(), configDict.get("modelName", ""))
+        # uniqueId gaps are not counted here: with the distributor each consumer sees every
+        # N-th frame by design, and pvapy counts the frames really missed (processorStats)
         self.driver = PluginDriver(
             self.plugin, sinks=[self._publish], decode=batch_from_frames,
             queue_size=int(configDict.get("queueSize", 256)),
             batch_size=int(configDict.get("batchSize", 8)),
             flush_s=float(configDict.get("flushSeconds", 0.02)))
         self.n_published = 0
+        # outputs are posted from a thread of their own, while the engine runs the next batch
+        # (it releases the GIL); a bounded queue: a slow server holds inference back, never
+        # loses an image
+        self._out: queue.Queue = queue.Queue(maxsize=int(configDict.get("publishQueue", 64)))
+        self._publisher = threading.Thread(target=self._post_loop, name="consumer-publish",
+                                           daemon=True)
+        self._publisher.start()
+        self._exiting = threading.Event()
+        _stop_with_parent(self._parent_gone)
 
     def start(self) -> None:
         # pvapy creates the output record on the first input frame, so monitors that connect
@@ -100,6 +138,28 @@ class InferenceProcessor(AdImageProcessor):
     def stop(self) -> None:
         self.driver.wait_idle(10.0)  # finish what is queued before the consumer exits
         self.driver.stop()
+        self._flush_outputs(10.0)
+
+    def _flush_outputs(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self._out.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def _parent_gone(self) -> None:
+        """The consumer's parent has gone: finish the frames held, then end this process."""
+        if self._exiting.is_set():
+            return
+        self._exiting.set()
+        log.warning("consumer %s: pvapy-hpc-consumer (the parent) has gone; finishing %d "
+                    "queued frames and exiting", getattr(self, "processorId", "?"),
+                    self.driver.queue_size - self.driver.queue_free)
+        try:
+            self.driver.wait_idle(ORPHAN_FLUSH_S)
+            self.driver.stop(1.0)
+            self._flush_outputs(1.0)
+        finally:
+            logging.shutdown()
+            os._exit(0)  # pvapy's threads wait for a stop command that cannot come now
 
     def configure(self, configDict: dict) -> None:  # noqa: N803
         """Runtime changes from the consumer's control channel: batchSize, intensityScale,
@@ -121,12 +181,25 @@ class InferenceProcessor(AdImageProcessor):
         except Exception as exc:  # malformed input: counted like the IOC counts it
             self.driver.reject(str(exc))
             return pvObject
-        self.driver.push(frame, unique_id=frame.unique_id)
+        self.driver.push(frame)
         return pvObject
 
     def _publish(self, batch: FrameBatch) -> None:
         if batch.phase is None:  # no model: nothing to publish (counted as dropped)
             return
+        self._out.put(batch)  # blocks only when the server is 64 batches behind
+
+    def _post_loop(self) -> None:
+        while True:
+            batch = self._out.get()
+            try:
+                self._post(batch)
+            except Exception:
+                log.exception("publishing %d phase images failed", len(batch))
+            finally:
+                self._out.task_done()
+
+    def _post(self, batch: FrameBatch) -> None:
         for i in range(len(batch)):
             f = Frame(batch.phase[i], int(batch.unique_ids[i]), float(batch.timestamps[i]),
                       batch.attributes(i))
@@ -140,10 +213,42 @@ class InferenceProcessor(AdImageProcessor):
     def getStats(self) -> dict:  # noqa: N802
         s = self.driver.stats()
         return {"nProcessed": s["ArrayCounter_RBV"], "nDropped": s["DroppedArrays_RBV"],
-                "nBad": s["BadArrays_RBV"], "nMissed": self.driver.missed,
+                "nBad": s["BadArrays_RBV"], "nPublished": self.n_published,
                 "executionTimeMs": float(s["ExecutionTime_RBV"]),
                 "modelVersion": self.plugin.model_version}
 
     def getStatsPvaTypes(self) -> dict:  # noqa: N802
         return {"nProcessed": pva.UINT, "nDropped": pva.UINT, "nBad": pva.UINT,
-                "nMissed": pva.UINT, "executionTimeMs": pva.DOUBLE, "modelVersion": pva.UINT}
+                "nPublished": pva.UINT, "executionTimeMs": pva.DOUBLE,
+                "modelVersion": pva.UINT}
+
+
+# ---------------------------------------------------------------------- life with the parent
+def _stop_with_parent(on_gone) -> None:
+    """In a multiprocessing child (pvapy-hpc-consumer --n-consumers > 1), call ``on_gone`` once
+    the parent process has gone, whatever ended it. Nothing is done in a process of its own
+    (--n-consumers 1: it is the consumer itself, stopped by its own signals)."""
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+    parent_pid = parent.pid
+    if sys.platform.startswith("linux") and threading.current_thread() is threading.main_thread():
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            pr_set_pdeathsig = 1
+            if libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) == 0:
+                signal.signal(signal.SIGTERM, lambda *_: threading.Thread(
+                    target=on_gone, name="consumer-exit", daemon=True).start())
+        except (OSError, AttributeError, ValueError) as exc:
+            log.debug("PR_SET_PDEATHSIG unavailable (%s): the watchdog thread alone", exc)
+
+    def watch() -> None:  # also covers a parent gone before prctl, and non-Linux hosts
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        on_gone()
+
+    threading.Thread(target=watch, name="consumer-parent-watch", daemon=True).start()

@@ -13,8 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import free_port
+from conftest import free_port  # tests/ is on sys.path; "tests" may name a dependency's package
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BIN = Path(sys.executable).parent

@@ -88,7 +88,7 @@ def test_deploy_reports_the_version_or_the_refusal(epics_env, tmp_path, capsys):
 
 @pytest.mark.parametrize("fmt", ["auto", "cxi"])
 def test_import_command(tmp_path, small_scan, capsys, fmt):
-    from tests.test_importers import write_cxi
+    from test_importers import write_cxi  # tests/ is on sys.path (pytest rootdir conftest)
 
     src = write_cxi(tmp_path / "scan.cxi", small_scan)
     out = tmp_path / "ours.h5"
