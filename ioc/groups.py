@@ -141,7 +141,6 @@ class InferencePVs(PluginPVs):
     batch_size = pv("NN:BatchSize")
     intensity_scale = pv("NN:IntensityScale")
     min_callback_time = pv("NN:MinCallbackTime")
-    missed = pv("NN:MissedArrays_RBV")
     model_select = pv("NN:ModelSelect")
     model_history = pv("NN:ModelHistory_RBV")
 
@@ -183,8 +182,11 @@ class InferencePVs(PluginPVs):
 
     def post_stats(self, stats: dict) -> None:
         super().post_stats(stats)
-        self.table.set("NN:MissedArrays_RBV", int(self.driver.missed))
         self.table.set("NN:InputConnected_RBV", int(self.input_connected))
+        if self.publisher.skipped:  # the map got every frame; NN:Phase subscribers did not
+            self.driver.set_condition(
+                "publisher", MINOR, f"NN:Phase fell behind: {self.publisher.skipped} phase "
+                "images not posted (NN:MinCallbackTime > 0 posts fewer, for displays)")
 
     # ------------------------------------------------------------------ models
     def _next_version(self) -> int:

@@ -28,8 +28,10 @@ from ptychostream.pvnames import DEFAULT_PREFIX
 
 log = logging.getLogger(__name__)
 
-#: pvAccess monitor queue: our callbacks only enqueue, so this absorbs bursts, not slowness
-MONITOR_REQUEST = "record[queueSize=64]"
+#: pvAccess monitor queue (frames the client library holds for our callback): our callback only
+#: enqueues, so this absorbs bursts; at 64, bursts at 4 kHz were squashed before the IOC saw
+#: them (counted as missed). 1024 uint32 128x128 frames are 64 MB at most
+MONITOR_REQUEST = "record[queueSize=1024]"
 #: a missing input PV is reported once after this many seconds (it keeps being searched for)
 INPUT_WARN_S = 10.0
 #: what one queued input frame may hold: a 128x128 frame of float64 (the largest the network
@@ -335,6 +337,8 @@ class EdgeIOC:
             self._queue.stop()
             self._queue = None
         self.nn.stop()
+        if self.gather is not None:
+            self.gather.flush()  # consumers' phases still waiting for a gap go to the map
         self.stitch.stop()
         self.nn_pvs.stop()
         self.stitch_pvs.stop()

@@ -114,6 +114,8 @@ class PluginDriver:
         self._event: tuple[int, str, float, str] | None = None
         self.on_tick: Callable[[], None] | None = None  # after every batch and idle step
         self._last_uid: int | None = None
+        self._fast_drops: dict[str, int] = {}
+        self._fast_t = 0.0
         self._stats_t = 0.0
         self.reset_counters()
 
@@ -161,6 +163,7 @@ class PluginDriver:
                 "ArrayRate_RBV": round(self.array_rate, 2),
                 "DroppedArrays_RBV": self.dropped,
                 "BadArrays_RBV": self.bad,
+                "MissedArrays_RBV": self.missed,
                 "QueueSize": self.queue_size,
                 "QueueFree_RBV": self.queue_free,
                 "ExecutionTime_RBV": round(self.execution_time_ms, 3),
@@ -215,7 +218,7 @@ class PluginDriver:
             if unique_id is not None:
                 self._count_gap(int(unique_id))
         if not self.enabled:
-            self._drop(1, "callbacks disabled", malformed=False)
+            self._drop_fast("callbacks disabled")
             return False
         with self._cv:
             if self._queued >= self._queue_size:
@@ -226,9 +229,24 @@ class PluginDriver:
                 self._queued += 1
                 self._cv.notify()
         if full:
-            self._drop(1, "queue full", malformed=False)
+            self._drop_fast("queue full")
             return False
         return True
+
+    def _drop_fast(self, reason: str) -> None:
+        """A drop in the producer's thread (the input callback): counted at once, reported at
+        most once a second, so an overloaded input does not slow its own thread further."""
+        with self._lock:
+            self.dropped += 1
+            self._fast_drops[reason] = self._fast_drops.get(reason, 0) + 1
+            now = time.monotonic()
+            if now - self._fast_t < 1.0:
+                return
+            self._fast_t, drops, self._fast_drops = now, self._fast_drops, {}
+        for why, n in drops.items():
+            if why != "callbacks disabled":
+                self.set_error(f"dropped: {why} ({n} in the last second)", MINOR)
+            self._log.warning(why, f"{self.name}: {n} array(s) dropped: {why}", n)
 
     def push_batch(self, batch: FrameBatch) -> bool:
         """Queue a whole batch from the stage before; never blocks (full: the batch is dropped)."""

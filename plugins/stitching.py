@@ -266,9 +266,12 @@ class StitchingPlugin:
             if not len(batch):
                 return batch
             placed = np.zeros(len(batch), bool)
-            if batch.phase is not None:
+            refine = self.refining and batch.frames and self._probe.shape[-1] == n
+            if batch.phase is not None and not refine:
+                # while the refined map is shown the network's phases only seed it: stitching
+                # them too cost the map stage as much again (Refine off starts a stitched map)
                 placed |= s.add_batch(batch.phase, batch.positions)
-            if self.refining and batch.frames and self._probe.shape[-1] == n:
+            if refine:
                 if self._refiner is None:
                     self._start_refiner()
                 seed = batch.phase if self.seed != "none" else None

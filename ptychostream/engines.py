@@ -22,6 +22,10 @@ from ptychostream.modelfile import FRAME_SIZE, WIDTHS, ModelError, is_onnx
 
 log = logging.getLogger(__name__)
 
+# onnxruntime looks up a vendor's telemetry host from every process unless told not to
+# (disable_telemetry_events() does not stop the lookup); a user's own setting is kept
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
 ENGINES = ("onnxruntime", "torch", "tensorrt")
 
 
@@ -85,7 +89,7 @@ class OnnxRuntimeEngine(InferenceEngine):
                  spinning: bool | None = None):
         import onnxruntime as ort
 
-        ort.disable_telemetry_events()  # it looked up a vendor's host from every process
+        ort.disable_telemetry_events()
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if threads:

@@ -51,11 +51,14 @@ def pva_server_conf() -> dict:
     usual, said in one INFO line instead of pvxs's "unable to bind port" warning."""
     port = int(os.environ.get("EPICS_PVAS_SERVER_PORT",
                               os.environ.get("EPICS_PVA_SERVER_PORT", "5075")))
-    with socket.socket() as s:
-        try:
-            s.bind(("", port))
-            return {}
-        except OSError:
-            log.info("pvAccess port %d is taken by another server on this host: serving on a "
-                     "random port (clients find it by search)", port)
-            return {"EPICS_PVAS_SERVER_PORT": "0"}
+    # the interfaces the server will bind (as pvxs reads them), each tried as it would be
+    interfaces = os.environ.get("EPICS_PVAS_INTF_ADDR_LIST", "").split() or ["0.0.0.0"]
+    for addr in interfaces:
+        with socket.socket() as s:
+            try:
+                s.bind((addr.split(":")[0], port))
+            except OSError:
+                log.info("pvAccess port %d is taken by another server on this host: serving "
+                         "on a random port (clients find it by search)", port)
+                return {"EPICS_PVAS_SERVER_PORT": "0"}
+    return {}

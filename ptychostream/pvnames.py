@@ -46,6 +46,8 @@ def _plugin_pvs(plugin: str, queue_size: int) -> list[PVSpec]:
                doc="arrays received and lost here: queue full, malformed, callbacks disabled "
                    "(with no model, NN passes frames on to the map: not lost)"),
         PVSpec(p + "BadArrays_RBV", "int", doc="malformed arrays among the dropped ones (see Status_RBV)"),
+        PVSpec(p + "MissedArrays_RBV", "int",
+               doc="arrays sent to this plugin that never arrived (gaps in uniqueId)"),
         PVSpec(p + "QueueSize", "int", True, queue_size, "input queue length (arrays)"),
         PVSpec(p + "QueueFree_RBV", "int", initial=queue_size, doc="free places in the queue"),
         PVSpec(p + "ExecutionTime_RBV", "float", doc="time per array in the last batch", units="ms"),
@@ -79,8 +81,6 @@ PVS: dict[str, PVSpec] = {
         PVSpec("NN:MinCallbackTime", "float", True, 0.0,
                "least time between NN:Phase updates (0: every frame; areaDetector's "
                "MinCallbackTime)", units="s"),
-        PVSpec("NN:MissedArrays_RBV", "int",
-               doc="arrays the detector sent that never arrived (gaps in uniqueId)"),
         PVSpec("NN:InputConnected_RBV", "int", initial=0,
                doc="1 while the detector's NTNDArray PV is connected, else 0"),
         *_plugin_pvs("NN", 256),

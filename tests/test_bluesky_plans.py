@@ -161,8 +161,10 @@ def test_spiral_scan_under_runengine_publishes_frames_and_writes_the_file(RE, de
     assert scan.truth_crops.shape == (n, 128, 128)
     counts = [e["data"]["det_total_counts"] for e in events]
     np.testing.assert_allclose(scan.frames.reshape(n, -1).sum(1), counts)
-    # dose follows the exposure: ~flux * exposure photons per frame
-    assert np.mean(counts) == pytest.approx(det.flux.get() * 0.05, rel=0.2)
+    # dose follows the exposure: flux * exposure photons per frame enter the sample; the W film
+    # passes 73 % of the amplitude (53 % of the photons) where it stands, the ground all
+    full = det.flux.get() * 0.05
+    assert 0.5 * full <= np.mean(counts) <= 1.02 * full
 
 
 # --------------------------------------------------------------------------- with the edge IOC

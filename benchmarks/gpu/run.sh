@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Run ON THE DEVICE MACHINE (see prepare.sh): installs the carried wheels, then runs one
+# prepared measurement from outside the repository root (from the root, the source folder
+# ptychostream/ would shadow the installed package) and packs its results into $OUT.
+#   base    the base-model recipe (train_base_model.py): ~8 min on one H100/H200
+#   checks  inference, refinement, pipeline and HPC benchmarks: ~8 min
+set -uo pipefail
+mode=${1:?usage: run.sh base|checks}
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+out=${OUT:-/tmp/gpu-out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site "$repo"/.whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site
+. "$repo/shared/epics-loopback.env" 2>/dev/null || {
+  export EPICS_PVA_AUTO_ADDR_LIST=NO EPICS_PVA_ADDR_LIST=127.0.0.1 \
+    EPICS_PVAS_INTF_ADDR_LIST=127.0.0.1 EPICS_PVAS_AUTO_BEACON_ADDR_LIST=NO \
+    EPICS_PVAS_BEACON_ADDR_LIST=127.0.0.1 EPICS_CA_AUTO_ADDR_LIST=NO \
+    EPICS_CA_ADDR_LIST=127.0.0.1 EPICS_CAS_INTF_ADDR_LIST=127.0.0.1 \
+    EPICS_CAS_AUTO_BEACON_ADDR_LIST=NO EPICS_CAS_BEACON_ADDR_LIST=127.0.0.1; }
+work=/tmp/gpu-work && rm -rf "$work" && mkdir -p "$work" && cd "$work"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$work/gpu.txt"
+b=$repo/benchmarks
+step() {  # step NAME SECONDS COMMAND...: one measurement, its log kept, never the whole run
+  local name=$1 secs=$2; shift 2
+  echo "== $name (at most ${secs}s)"
+  timeout "$secs" "$@" > "$work/$name.log" 2>&1; echo "== $name: exit $?" | tee -a "$work/$name.log"
+  tail -25 "$work/$name.log"
+}
+case $mode in
+  base)
+    step base 510 python3 "$b/train_base_model.py" --out "$work/base" ;;
+  checks)
+    step inference 90 python3 "$b/bench_inference.py" --seconds 1 --json "$work/inference.json"
+    step refine 60 python3 "$b/bench_refine.py" --device cuda --batches 1 2 8 32 128 \
+        --json "$work/refine.json"
+    step pipeline 200 python3 "$b/bench_pipeline.py" --engine torch --device cuda --frames 4000 \
+        --batch-size 64 --rates 1000,2000,5000,10000,20000,0 --workers 1,2 --out "$work/pipeline"
+    step hpc 150 python3 "$b/bench_hpc.py" --device cuda --threads 8 --positions 963 \
+        --step-nm 50 --iterations 500 --concurrent 2 --step-batches 256 1024 --steps 20 \
+        --train-pairs 20000 --train-epochs 5 --train-batch 1024 --out "$work/hpc" ;;
+  *) echo "unknown mode $mode"; exit 2 ;;
+esac
+tar -czf "$out/gpu-$mode.tar.gz" -C "$work" . && ls -la "$out"
