@@ -131,6 +131,14 @@ def load_probe(source) -> tuple[np.ndarray, str]:
     return check_probe(array), where
 
 
+def torch_abs2(z):
+    """|z|^2 of a complex tensor from its (re, im) pairs: cheaper than abs()**2 (a hypot) or
+    real**2 + imag**2 (two strided views)."""
+    import torch
+
+    return torch.view_as_real(z).square().sum(-1)
+
+
 # --------------------------------------------------------------------------- the refiner
 class _Windows:
     """The N x N windows of a batch's frames on the map's layers: gather, add, write back.
@@ -236,11 +244,18 @@ class Refiner:
         self._seed_mode = mode
 
     def set_probe(self, probe) -> None:
-        """A new probe (modes, N, N): checked, then rescaled to the next frames' counts."""
+        """A new probe (modes, N, N): checked, then rescaled to the next frames' counts.
+
+        Kept times a checkerboard (-1)^(row+col): the FFT of an exit wave so modulated comes
+        out with its zero frequency centred, as the detector's frames have it, so no frame is
+        ever shifted (the sign squares away in both updates; :attr:`probe` removes it)."""
         p = check_probe(probe)
         with self._lock:
-            self.frame_size = p.shape[-1]
-            self._P = self.torch.as_tensor(p, device=self.device)
+            self.frame_size = n = p.shape[-1]
+            k = np.arange(n)
+            self._checker = self.torch.as_tensor(
+                (1 - 2 * ((k[:, None] + k[None, :]) % 2)).astype(np.float32), device=self.device)
+            self._P = self.torch.as_tensor(p, device=self.device) * self._checker
             self._rescale = True
             self.probe_updates = 0
 
@@ -248,7 +263,7 @@ class Refiner:
     def probe(self) -> np.ndarray:
         """The probe in use, as learnt so far: (modes, N, N) complex64."""
         with self._lock:
-            return self._P.cpu().numpy().copy()
+            return (self._P * self._checker).cpu().numpy()
 
     def reset(self, positions_m: np.ndarray | None = None) -> None:
         """Start a new map (flat: transmission 1) and forget the stored frames; keeps the probe."""
@@ -285,12 +300,11 @@ class Refiner:
 
     # ------------------------------------------------------------------ frames in
     def _amplitudes(self, frames):
-        """Measured amplitudes sqrt(counts), zero frequency moved to the corner (torch FFT)."""
+        """Measured amplitudes sqrt(counts), zero frequency centred as recorded (see set_probe)."""
         torch = self.torch
         x = torch.as_tensor(np.asarray(frames) if not torch.is_tensor(frames) else frames,
                             device=self.device).to(torch.float32)
-        amp = torch.sqrt(x.clamp(min=0.0))
-        return torch.fft.ifftshift(amp, dim=(-2, -1))
+        return torch.sqrt(x.clamp(min=0.0))
 
     def update(self, frames, positions_m: np.ndarray, seed_phase=None,
                store: bool = True) -> np.ndarray:
@@ -314,15 +328,17 @@ class Refiner:
             used = np.zeros(len(pos), bool)
             for s in range(0, len(idx), self.batch):
                 part = idx[s:s + self.batch]
-                sel = torch.as_tensor(part, device=self.device)
+                lo, hi = int(part[0]), int(part[-1]) + 1
+                contiguous = hi - lo == len(part)  # the usual case: a slice, not a gather
+                sub = amp[lo:hi] if contiguous else amp[torch.as_tensor(part, device=self.device)]
                 seed = None
                 if seed_phase is not None and self.seed != "none":
                     seed = torch.as_tensor(np.asarray(seed_phase)[part] if isinstance(
-                        seed_phase, np.ndarray) else seed_phase[sel], device=self.device)
-                good = self._step(amp[sel], pos[part], seed)
+                        seed_phase, np.ndarray) else seed_phase[part], device=self.device)
+                good = self._step(sub, pos[part], seed)
                 used[part[good]] = True
                 if store:
-                    self._store(amp[sel][torch.as_tensor(good, device=self.device)],
+                    self._store(sub if good.all() else sub[torch.as_tensor(good)],
                                 pos[part][good])
             n = int(used.sum())
             self.n_frames += n
@@ -347,7 +363,7 @@ class Refiner:
     def _rescale_probe(self, totals) -> None:
         """Match the probe's power to the frames' counts (pty-chi's rescale_probe does the same):
         a probe's absolute scale is not kept across scans of other exposures."""
-        power = float((self._P.abs() ** 2).sum())
+        power = float(torch_abs2(self._P).sum())
         target = float(totals.median())
         if power > 0 and target > 0:
             self.probe_scale = math.sqrt(target / power)
@@ -368,7 +384,7 @@ class Refiner:
         """(sum over modes of |P|^2 (N, N), its peak), cached until the probe changes."""
         P = self._P
         if getattr(self, "_p_cache", (None,))[0] is not P:
-            p_int = (P.real ** 2 + P.imag ** 2).sum(0)
+            p_int = torch_abs2(P).sum(0)
             self._p_cache = (P, p_int, p_int.max())
         return self._p_cache[1], self._p_cache[2]
 
@@ -385,7 +401,7 @@ class Refiner:
         o_map = win.gather("obj")  # (B, N, N)
         psi = P[None] * o_map[:, None]  # (B, M, N, N)
         F = torch.fft.fft2(psi, norm="ortho")
-        model = torch.sqrt((F.real ** 2 + F.imag ** 2).sum(1, keepdim=True))
+        model = torch.sqrt(torch_abs2(F).sum(1, keepdim=True))
         dpsi = torch.fft.ifft2(F * (amp[:, None] / model.clamp(min=1e-12)), norm="ortho") - psi
         good = torch.isfinite(torch.view_as_real(dpsi.sum((1, 2, 3))).sum(-1))  # NaN/inf carry
         if not bool(good.all()):
@@ -401,9 +417,9 @@ class Refiner:
         win.fill("num", 0)
         win.fill("den", 0)
         if self.probe_step > 0 and self.n_frames >= self.probe_start and keep.any():
-            Og = o_map[good]
-            dP = (Og.conj()[:, None] * dpsi[good]).sum(0)
-            o_int = (Og.real ** 2 + Og.imag ** 2).sum(0)
+            Og, dg = (o_map, dpsi) if keep.all() else (o_map[good], dpsi[good])
+            dP = (Og.conj()[:, None] * dg).sum(0)
+            o_int = torch_abs2(Og).sum(0)
             newP = P + self.probe_step * dP / ((1 - self.probe_alpha) * o_int
                                                + self.probe_alpha * o_int.max())
             if bool(torch.isfinite(torch.view_as_real(newP.sum())).all()):
@@ -466,7 +482,7 @@ class Refiner:
 
     # ------------------------------------------------------------------ maps out
     def _seen(self):
-        peak = float((self._P.abs() ** 2).sum(0).max())
+        peak = float(self._probe_intensity()[1])
         return self.canvas.layers["illum"] >= SEEN * peak
 
     def phase_image(self) -> np.ndarray:
