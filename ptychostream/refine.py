@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ptychostream.geometry import place_on_grid
-from ptychostream.stitch import MAX_MAP_PX, Canvas
+from ptychostream.stitch import MAX_MAP_PX, Canvas, Windows
 
 log = logging.getLogger(__name__)
 
@@ -140,62 +140,6 @@ def torch_abs2(z):
 
 
 # --------------------------------------------------------------------------- the refiner
-class _Windows:
-    """The N x N windows of a batch's frames on the map's layers: gather, add, write back.
-
-    On the CPU one slice per frame (cheaper than building flat indices for a few frames); on a
-    GPU one indexed kernel for the batch (fewer launches). ``put`` may write overlapping
-    windows: they carry equal values there (the pixel's old value plus its one summed update).
-    ``keep`` (a (B,) bool array) limits ``add``/``put`` to those frames."""
-
-    def __init__(self, canvas: Canvas, corners: np.ndarray, n: int) -> None:
-        import torch
-
-        self.torch = torch
-        self.layers = canvas.layers
-        self.n_frames = len(corners)
-        self.by_index = canvas.device.type != "cpu"
-        if self.by_index:
-            self.flat = canvas.window_index(corners, n)  # (B, N, N)
-        else:
-            self.slices = [(slice(r, r + n), slice(c, c + n)) for r, c in corners.tolist()]
-
-    def _frames(self, keep: np.ndarray | None) -> list[int]:
-        return list(range(self.n_frames)) if keep is None else np.nonzero(keep)[0].tolist()
-
-    def gather(self, name: str):
-        layer = self.layers[name]
-        if self.by_index:
-            return layer.view(-1)[self.flat]
-        return self.torch.stack([layer[s] for s in self.slices])
-
-    def add(self, name: str, values, keep: np.ndarray | None = None) -> None:
-        """Add per-frame values (B, N, N), or one (N, N) array, to the windows; overlaps sum."""
-        layer, idx = self.layers[name], self._frames(keep)
-        if self.by_index:
-            v = values[idx] if values.dim() == 3 else values.expand(len(idx), *values.shape)
-            layer.view(-1).index_add_(0, self.flat[idx].reshape(-1), v.reshape(-1))
-            return
-        for i in idx:
-            layer[self.slices[i]] += values[i] if values.dim() == 3 else values
-
-    def put(self, name: str, values, keep: np.ndarray | None = None) -> None:
-        layer, idx = self.layers[name], self._frames(keep)
-        if self.by_index:
-            layer.view(-1)[self.flat[idx].reshape(-1)] = values[idx].reshape(-1)
-            return
-        for i in idx:
-            layer[self.slices[i]] = values[i]
-
-    def fill(self, name: str, value: float) -> None:
-        layer = self.layers[name]
-        if self.by_index:
-            layer.view(-1)[self.flat.reshape(-1)] = value
-            return
-        for s in self.slices:
-            layer[s] = value
-
-
 class Refiner:
     """A complex map refined frame by frame; see the module docstring.
 
@@ -393,7 +337,7 @@ class Refiner:
         torch = self.torch
         n = self.frame_size
         corner = np.rint(self.canvas.corners(pos)).astype(np.int64)
-        win = _Windows(self.canvas, corner, n)
+        win = Windows(self.canvas, corner, n)
         P = self._P
         p_int, p_max = self._probe_intensity()
         if seed is not None:
@@ -431,7 +375,7 @@ class Refiner:
             log.debug("refinement: %d frame(s) gave a non-finite update; map left as it was", bad)
         return keep
 
-    def _seed(self, win: _Windows, phase, w) -> None:
+    def _seed(self, win: Windows, phase, w) -> None:
         """Seed with the network's phase, its constant matched to the map where the map has seen
         the sample (one pattern does not fix a constant phase): new pixels only, or blended."""
         torch = self.torch

@@ -191,6 +191,75 @@ class Canvas:
                                                                    + k[None, None, :])
 
 
+class Windows:
+    """The N x N windows of a batch's frames on the map's layers: gather, add, write back.
+
+    On the CPU one slice per frame (cheaper than building flat indices for a few frames); on a
+    GPU one indexed kernel for the batch (fewer launches). ``put`` may write overlapping
+    windows: they carry equal values there (the pixel's old value plus its one summed update).
+    ``keep`` (a (B,) bool array) limits ``add``/``put`` to those frames."""
+
+    def __init__(self, canvas: Canvas, corners: np.ndarray, n: int) -> None:
+        import torch
+
+        self.torch = torch
+        self.corners = corners
+        self.layers = canvas.layers
+        self.n_frames = len(corners)
+        self.by_index = canvas.device.type != "cpu"
+        if self.by_index:
+            self.flat = canvas.window_index(corners, n)  # (B, N, N)
+        else:
+            self.slices = [(slice(r, r + n), slice(c, c + n)) for r, c in corners.tolist()]
+
+    def _frames(self, keep: np.ndarray | None) -> list[int]:
+        return list(range(self.n_frames)) if keep is None else np.nonzero(keep)[0].tolist()
+
+    def gather(self, name: str):
+        layer = self.layers[name]
+        if self.by_index:
+            return layer.view(-1)[self.flat]
+        return self.torch.stack([layer[s] for s in self.slices])
+
+    def add(self, name: str, values, keep: np.ndarray | None = None) -> None:
+        """Add per-frame values (B, N, N), or one (N, N) array, to the windows; overlaps sum."""
+        layer, idx = self.layers[name], self._frames(keep)
+        if self.by_index:
+            v = values[idx] if values.dim() == 3 else values.expand(len(idx), *values.shape)
+            layer.view(-1).index_add_(0, self.flat[idx].reshape(-1), v.reshape(-1))
+            return
+        for i in idx:
+            layer[self.slices[i]] += values[i] if values.dim() == 3 else values
+
+    def put(self, name: str, values, keep: np.ndarray | None = None) -> None:
+        layer, idx = self.layers[name], self._frames(keep)
+        if self.by_index:
+            layer.view(-1)[self.flat[idx].reshape(-1)] = values[idx].reshape(-1)
+            return
+        for i in idx:
+            layer[self.slices[i]] = values[i]
+
+    def fill(self, name: str, value: float) -> None:
+        layer = self.layers[name]
+        if self.by_index:
+            layer.view(-1)[self.flat.reshape(-1)] = value
+            return
+        for s in self.slices:
+            layer[s] = value
+
+
+    def subset(self, frames) -> Windows:
+        """The windows of some of the frames (a list of indices)."""
+        out = Windows.__new__(Windows)
+        out.torch, out.layers, out.by_index = self.torch, self.layers, self.by_index
+        out.corners, out.n_frames = self.corners[frames], len(frames)
+        if self.by_index:
+            out.flat = self.flat[frames]
+        else:
+            out.slices = [self.slices[i] for i in frames]
+        return out
+
+
 class Stitcher:
     """Accumulates phase images on a map that grows as positions arrive (or is sized for the
     planned positions). See the module docstring for ``weighting`` and ``register_offsets``.
@@ -213,7 +282,9 @@ class Stitcher:
         self.register_offsets = bool(register_offsets)
         self.device = device
         self.max_px = max_px
+        # sums in float64 on a CPU (many overlapping images), the per-image work in float32
         self._dtype = torch.float64 if str(device) == "cpu" else torch.float32
+        self._work = torch.float32
         self.set_weights(frame_weights(self.frame_size, self.pixel_m, self.weighting, crop,
                                        probe, beam_fwhm_m))
         self._lock = threading.Lock()
@@ -221,7 +292,7 @@ class Stitcher:
 
     def set_weights(self, weights: np.ndarray) -> None:
         """Per-pixel weights (N, N) of one frame, e.g. when the probe becomes known."""
-        w = self.torch.as_tensor(np.asarray(weights, np.float64), dtype=self._dtype,
+        w = self.torch.as_tensor(np.asarray(weights, np.float64), dtype=self._work,
                                  device=self.device)
         self._w = self.torch.nn.functional.pad(w, (0, 1, 0, 1))  # (N+1, N+1), zero edge
 
@@ -270,50 +341,52 @@ class Stitcher:
             idx = np.nonzero(ok)[0]
             corner = self.canvas.corners(pos[idx])
             ri = np.floor(corner)
-            frac = torch.as_tensor(corner - ri, dtype=self._dtype, device=self.device)
+            frac = torch.as_tensor(corner - ri, dtype=self._work, device=self.device)
             fr, fc = frac[:, 0, None, None], frac[:, 1, None, None]
             x = torch.as_tensor(np.asarray(phases)[idx] if isinstance(phases, np.ndarray)
                                 else phases[torch.as_tensor(idx)], device=self.device)
-            x = x.to(self._dtype)
+            x = x.to(self._work)
             # image padded by edge repetition (ndimage mode="nearest"), weights by zeros
             x = torch.nn.functional.pad(x[:, None], (0, 1, 0, 1), mode="replicate")[:, 0]
             img = self._shifted(x, fr, fc, edge=True)
             w = self._shifted(self._w.expand(len(idx), n + 1, n + 1), fr, fc, edge=False)
-            flat = self.canvas.window_index(ri, n + 1)
+            win = Windows(self.canvas, ri.astype(np.int64), n + 1)
             if self.register_offsets:
-                self._add_registered(img, w, flat)
+                self._add_registered(img, w, win)
             else:
-                self._accumulate(img, w, flat)
+                self._accumulate(img, w, win)
             self.n_frames += len(idx)
         return ok
 
-    def _accumulate(self, img, w, flat) -> None:
-        fl = flat.reshape(-1)
-        self.canvas.layers["sum"].view(-1).index_add_(0, fl, (img * w).reshape(-1))
-        self.canvas.layers["weight"].view(-1).index_add_(0, fl, w.reshape(-1))
+    def _accumulate(self, img, w, win: Windows) -> None:
+        win.add("sum", img * w)
+        win.add("weight", w)
 
-    def _add_registered(self, img, w, flat) -> None:
+    def _add_registered(self, img, w, win: Windows) -> None:
         """Register every image against the map, add those that overlap it, then the rest
         against the grown map; an image that overlaps nothing is added as it is (it anchors a
         new part of the map). One round per batch once the map has started."""
-        torch = self.torch
-        todo = torch.arange(len(img), device=img.device)
-        while len(todo):
-            off, enough = self._offsets(img[todo], w[todo], flat[todo])
-            if not bool(enough.any()):
-                enough = torch.zeros_like(enough)
-                enough[0] = True  # nothing overlaps: the first anchors, the rest follow it
-            take = todo[enough]
-            self._accumulate(img[take] + off[enough][:, None, None], w[take], flat[take])
-            todo = todo[~enough]
+        off, enough = self._offsets(img, w, win)
+        if bool(enough.all()):  # the usual case once a map has started: one round, no copies
+            self._accumulate(img + off[:, None, None], w, win)
+            return
+        todo = list(range(len(img)))
+        while todo:
+            sub = win.subset(todo)
+            off, enough = self._offsets(img[todo], w[todo], sub)
+            take = [i for i, e in zip(todo, enough.tolist(), strict=True) if e]
+            offs = off[enough]
+            if not take:  # nothing overlaps: the first anchors, the rest follow it
+                take, offs = todo[:1], off[:1] * 0
+            self._accumulate(img[take] + offs[:, None, None], w[take], win.subset(take))
+            todo = [i for i in todo if i not in set(take)]
 
-    def _offsets(self, img, w, flat):
+    def _offsets(self, img, w, win: Windows):
         """Constant per image that matches it to the map already built, on their overlap
         (weighted mean of map - image where both are well lit), and whether they overlap
         enough to say; 0 where they do not."""
         torch = self.torch
-        s = self.canvas.layers["sum"].view(-1)[flat]
-        mw = self.canvas.layers["weight"].view(-1)[flat]
+        s, mw = win.gather("sum").to(self._work), win.gather("weight").to(self._work)
         both = (mw >= REGISTER_MIN_WEIGHT) & (w >= REGISTER_MIN_WEIGHT)
         ww = torch.where(both, w * mw.clamp(max=1.0), torch.zeros_like(w))
         total = ww.sum((1, 2))
