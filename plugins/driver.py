@@ -46,6 +46,18 @@ class Plugin(Protocol):
     def process(self, batch: FrameBatch) -> FrameBatch: ...
 
 
+def lower_priority(nice: int) -> None:
+    """Lower the calling thread's CPU priority (Linux threads have their own): on a few cores a
+    later stage then takes what the first stage leaves, instead of stalling it (inference's
+    parallel kernels wait for their slowest thread). Best effort: refused or absent, no change."""
+    import os
+
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError) as exc:
+        log.debug("thread priority unchanged: %s", exc)
+
+
 class RateLimitedLog:
     """One WARNING for the first of a kind of problem, then one summary per ``period_s``."""
 
@@ -89,7 +101,7 @@ class PluginDriver:
                  decode: Callable[[list], FrameBatch] | None = None,
                  error_hold_s: float = 5.0, stats_period_s: float = 0.25,
                  on_stats: Callable[[dict], None] | None = None, log_period_s: float = 10.0,
-                 max_queue: int = 100_000) -> None:
+                 max_queue: int = 100_000, nice: int = 0) -> None:
         self.plugin = plugin
         self.name = getattr(plugin, "name", "plugin")
         self.sinks = list(sinks or [])
@@ -100,6 +112,7 @@ class PluginDriver:
         self.stats_period_s = stats_period_s
         self.on_stats = on_stats
         self.max_queue = int(max_queue)
+        self.nice = int(nice)  # > 0: this worker yields the CPU to the stages before it
         self.enabled = True
         self._log = RateLimitedLog(log, log_period_s)
         self._cv = threading.Condition()
@@ -344,6 +357,8 @@ class PluginDriver:
             return raw
 
     def _run(self) -> None:
+        if self.nice:
+            lower_priority(self.nice)
         has_idle = hasattr(self.plugin, "idle")
         wait = 0.1
         while not self._stop.is_set():
