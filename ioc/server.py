@@ -409,9 +409,16 @@ def _check(merged: dict) -> dict:
             raise ConfigError(f"{key} must be true or false, got {out[key]!r}")
     if isinstance(out["stitch_input"], str):
         out["stitch_input"] = [out["stitch_input"]]
-    for key in ("model_file", "probe"):
-        if out[key] and not Path(out[key]).is_file():
-            raise ConfigError(f"{key} {out[key]} does not exist or is not a file")
+    if out["model_file"]:
+        from ptychostream.basemodel import resolve_model
+        from ptychostream.modelfile import ModelError
+
+        try:
+            out["model_file"] = str(resolve_model(out["model_file"]))  # 'builtin' or a file
+        except ModelError as exc:
+            raise ConfigError(f"model: {exc}") from None
+    if out["probe"] and not Path(out["probe"]).is_file():
+        raise ConfigError(f"probe {out['probe']} does not exist or is not a file")
     for key in ("model_store", "map_dir"):
         if out[key]:
             d = Path(out[key]).expanduser()
@@ -460,7 +467,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input", help="detector NTNDArray PV to monitor, e.g. 13SIM1:Pva1:Image")
     p.add_argument("--engine", help="onnxruntime (default), torch or tensorrt")
     p.add_argument("--batch-size", type=int, help="frames per engine call (default 8)")
-    p.add_argument("--model-file", help="model to serve when the store has none (ONNX or .pt)")
+    p.add_argument("--model", "--model-file", dest="model_file",
+                   help="model to serve when the store has none: ONNX or a state dict, or "
+                   "'builtin' for the shipped base model")
     p.add_argument("--model-store", help="folder keeping accepted models; restart serves the last")
     p.add_argument("--probe", help="probe to refine the map with from the first frame: a scan "
                    "file, a reconstruction file (ptychostream.hpc) or .npy")

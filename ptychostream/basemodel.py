@@ -12,7 +12,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from ptychostream.model import ModelError
+from ptychostream.modelfile import ModelError
 
 #: the name that selects the shipped model wherever a model path is asked for
 BUILTIN = "builtin"
