@@ -343,6 +343,7 @@ def run_demo(out_dir: str | Path = "demo-output", quick: bool = False, prefix: s
     bec.disable_plots()
     if not table:
         bec.disable_table()
+        bec.disable_baseline()  # the IOC's PVs at each scan's start and end: in demo.json
     RE.subscribe(bec)
     docs = _Docs()
     RE.subscribe(docs)
