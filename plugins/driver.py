@@ -373,7 +373,7 @@ class PluginDriver:
                     self.set_error(f"{exc.__class__.__name__}: {exc}")
                 self._tick()
                 continue
-            wait = 0.01 if has_idle else 0.1
+            wait = 0.0 if has_idle else 0.1  # after a batch: its idle work at once, if any
             try:
                 self._handle(work)
             except Exception as exc:  # never let the worker die: report and go on
