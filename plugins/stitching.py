@@ -44,7 +44,7 @@ class StitchingPlugin:
     def __init__(self, pixel_m: float = 0.0, crop: int | None = None, weighting: str = "probe",
                  beam_fwhm_m: float = 800e-9, register_offsets: bool = True,
                  refine: bool = True, alpha: float | None = None,
-                 probe_step: float | None = None, seed: str = "new", device: str = "cpu",
+                 probe_step: float | None = None, seed: str | None = None, device: str = "cpu",
                  history: int = 2048, max_passes: float = 8.0, max_px: int = MAX_MAP_PX,
                  idle_gate=None) -> None:
         from ptychostream import refine as _refine
@@ -57,7 +57,7 @@ class StitchingPlugin:
         self.refine = bool(refine)
         self.alpha = _refine.DEFAULT_ALPHA if alpha is None else float(alpha)
         self.probe_step = _refine.DEFAULT_PROBE_STEP if probe_step is None else float(probe_step)
-        self.seed = seed
+        self.seed = seed or _refine.DEFAULT_SEED
         self.device = device
         self.history = int(history)
         self.max_passes = float(max_passes)

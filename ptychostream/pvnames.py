@@ -96,7 +96,7 @@ PVS: dict[str, PVSpec] = {
                precision=2),
         PVSpec("Stitch:ProbeStep", "float", True, 0.5,
                "ePIE probe step after each object step (0: the probe stays as given)"),
-        PVSpec("Stitch:SeedMode", "enum", True, 0,
+        PVSpec("Stitch:SeedMode", "enum", True, 1,
                "how the network's phase seeds the refined map: pixels not yet seen, a "
                "weighted blend, or not at all", choices=("New", "Blend", "None")),
         PVSpec("Stitch:Probe", "bytes", True,
