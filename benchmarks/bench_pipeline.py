@@ -39,7 +39,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -57,25 +56,12 @@ PROCESSOR = "ptychostream.plugins.pvapy_adapter.InferenceProcessor"
 
 
 # ---------------------------------------------------------------------- environment
-def free_port() -> int:
-    """A port free for TCP and UDP on 127.0.0.1 (EPICS uses one number for both)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                u.bind(("127.0.0.1", port))
-            return port
-        except OSError:
-            continue
-
 
 def isolate() -> None:
     """Loopback, own PVA/CA ports (the benchmark never meets another server on this host), no
     onnxruntime telemetry; set before p4p, pvapy or onnxruntime is loaded, inherited by every
     process started here."""
-    from ptychostream.epics_env import use_loopback
+    from ptychostream.epics_env import free_port, use_loopback
 
     use_loopback(force=True)
     pva, udp, ca, rep = free_port(), free_port(), free_port(), free_port()

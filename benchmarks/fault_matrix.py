@@ -13,7 +13,7 @@ seen, PASS/FAIL/INFO) and writes them as JSON.
 
 from __future__ import annotations
 
-from ptychostream.epics_env import use_loopback
+from ptychostream.epics_env import free_port, use_loopback
 
 use_loopback(force=True)  # before p4p, pvapy or caproto are imported
 
@@ -24,7 +24,6 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -73,18 +72,6 @@ class Matrix:
                        f"{exc.__class__.__name__}: {exc}", False)
         log.info("section %s: %.1f s", name, time.monotonic() - t0)
 
-
-def free_port() -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                u.bind(("127.0.0.1", port))
-            return port
-        except OSError:
-            continue
 
 
 def own_ports() -> None:

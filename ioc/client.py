@@ -34,25 +34,32 @@ def model_put_value(data: bytes, name: str = "") -> dict:
     return {"value": np.frombuffer(bytes(data), np.uint8), "name": name}
 
 
+def _put_bytes(prefix: str, suffix: str, readback: str, data: bytes, name: str,
+               timeout: float, error: type[Exception]):
+    """Put file bytes to a validated write PV (NN:Model, Stitch:Probe), wait for the IOC's
+    verdict (the put completes only after validation) and read back what now serves; a refusal
+    raises ``error`` with the IOC's reason."""
+    from p4p.client.thread import RemoteError
+
+    with _context() as ctx:
+        try:
+            ctx.put(pvname(prefix, suffix), model_put_value(data, name), timeout=timeout,
+                    wait=True)
+        except RemoteError as exc:
+            raise error(str(exc)) from exc
+        return ctx.get(pvname(prefix, readback), timeout=timeout).value
+
+
 def deploy_model(prefix: str, data: bytes, name: str = "", timeout: float = 30.0) -> int:
     """Put model bytes (ONNX or PyTorch state dict) to ``$(P)NN:Model`` and wait for the verdict.
 
-    The IOC completes the put only after it validated the model and queued the swap, so the put
-    itself reports the outcome. Returns the new ``ModelVersion_RBV``; raises
-    :class:`~ptychostream.model.ModelError` with the IOC's reason when the model is refused
-    (the old model keeps serving), TimeoutError when the IOC does not answer in ``timeout`` s.
-    """
-    from p4p.client.thread import RemoteError
-
+    Returns the new ``ModelVersion_RBV``; raises :class:`~ptychostream.model.ModelError` with
+    the IOC's reason when the model is refused (the old model keeps serving), TimeoutError when
+    the IOC does not answer in ``timeout`` s."""
     if not data:
         raise ModelError("empty model")
-    with _context() as ctx:
-        try:
-            ctx.put(pvname(prefix, "NN:Model"), model_put_value(data, name), timeout=timeout,
-                    wait=True)
-        except RemoteError as exc:
-            raise ModelError(str(exc)) from exc
-        version = int(ctx.get(pvname(prefix, "NN:ModelVersion_RBV"), timeout=timeout).value)
+    version = int(_put_bytes(prefix, "NN:Model", "NN:ModelVersion_RBV", data, name, timeout,
+                             ModelError))
     log.info("deployed model %r as version %d on %s", name, version, prefix)
     return version
 
@@ -61,17 +68,10 @@ def deploy_probe(prefix: str, data: bytes, name: str = "", timeout: float = 30.0
     """Put a probe (.npy bytes, or an HDF5 reconstruction/scan file's bytes) to
     ``$(P)Stitch:Probe`` and wait for the verdict. Returns ``Stitch:ProbeStatus_RBV``; raises
     :class:`~ptychostream.refine.ProbeError` with the IOC's reason when it is refused."""
-    from p4p.client.thread import RemoteError
-
     from ptychostream.refine import ProbeError
 
-    with _context() as ctx:
-        try:
-            ctx.put(pvname(prefix, "Stitch:Probe"), model_put_value(data, name), timeout=timeout,
-                    wait=True)
-        except RemoteError as exc:
-            raise ProbeError(str(exc)) from exc
-        return str(ctx.get(pvname(prefix, "Stitch:ProbeStatus_RBV"), timeout=timeout).value)
+    return str(_put_bytes(prefix, "Stitch:Probe", "Stitch:ProbeStatus_RBV", data, name, timeout,
+                          ProbeError))
 
 
 def put_positions(prefix: str, positions_m: np.ndarray | Sequence[Sequence[float]],

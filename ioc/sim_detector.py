@@ -321,10 +321,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="serve on 127.0.0.1 only (sets the EPICS_* variables not already set)")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
-    if args.loopback:
-        from ptychostream.epics_env import use_loopback
+    if args.loopback:  # the user's explicit choice; without it the host's EPICS_* environment
+        from ptychostream.epics_env import configure
 
-        use_loopback()
+        configure(loopback=True)
     from ptychostream import setup_logging
     from ptychostream.scanfile import ScanFileError
 

@@ -62,3 +62,19 @@ def pva_server_conf() -> dict:
                          "on a random port (clients find it by search)", port)
                 return {"EPICS_PVAS_SERVER_PORT": "0"}
     return {}
+
+
+def free_port() -> int:
+    """A port free for both TCP and UDP on 127.0.0.1 (EPICS uses one number for both): tests
+    and benchmarks give each of their servers ports of its own."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u, socket.socket() as t:
+                u.bind(("127.0.0.1", port))
+                t.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            continue

@@ -1,34 +1,17 @@
 """Shared test set-up: EPICS on loopback before anything imports p4p, pvapy or caproto,
 and a fixture that gives each test its own ports and PV prefix so servers never collide."""
 
-from ptychostream.epics_env import use_loopback
+from ptychostream.epics_env import free_port, use_loopback
 
 use_loopback(force=True)
 
 import itertools  # noqa: E402
 import os  # noqa: E402
-import socket  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 _counter = itertools.count()
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A port free for both TCP and UDP on 127.0.0.1 (EPICS uses the same number for both)."""
-    while True:
-        with socket.socket(socket.AF_INET, kind) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u, \
-                 socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-                u.bind(("127.0.0.1", port))
-                t.bind(("127.0.0.1", port))
-            return port
-        except OSError:
-            continue
 
 
 @pytest.fixture

@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port  # tests/ is on sys.path; "tests" may name a dependency's package
+
+from ptychostream.epics_env import free_port
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BIN = Path(sys.executable).parent
