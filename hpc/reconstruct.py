@@ -16,6 +16,7 @@ import logging
 import math
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -331,25 +332,28 @@ def _run_ptychi(scan, probe0, shape, origin, iterations, device, options) -> tup
     pos_px = np.asarray(scan.positions_m, np.float64) / dx
     obj = np.ones((1, *shape), np.complex64)
     previous_device = torch.get_default_device()
-    try:
-        if device.startswith("cuda:"):  # pty-chi runs on the current device
-            torch.cuda.set_device(device)
-        task = PtychographyTask(
-            opt, diffraction_data=frames, object_data=obj, probe_data=probe,
-            probe_position_x_px=pos_px[:, 0], probe_position_y_px=pos_px[:, 1],
-        )
-        _batch_fetching_loader(task.reconstructor)
-        _defer_loss_sync(task.reconstructor)
-        inside = _windows_inside(scan, shape, origin)
-        settings["sync_free_patches"] = inside
-        with _sync_free_patches() if inside else contextlib.nullcontext():
-            task.run()
-        result_obj = task.get_data_to_cpu("object", as_numpy=True)[0]
-        result_probe = task.get_data_to_cpu("probe", as_numpy=True)[0]
-        table = task.reconstructor.loss_tracker.table
-        settings["final_loss"] = float(table["loss"].iloc[-1]) if len(table) else float("nan")
-    finally:
-        torch.set_default_device(previous_device)  # pty-chi sets a process-wide default
+    with warnings.catch_warnings():
+        # pty-chi reads a scalar from a tensor that requires grad, once per run: harmless noise
+        warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")
+        try:
+            if device.startswith("cuda:"):  # pty-chi runs on the current device
+                torch.cuda.set_device(device)
+            task = PtychographyTask(
+                opt, diffraction_data=frames, object_data=obj, probe_data=probe,
+                probe_position_x_px=pos_px[:, 0], probe_position_y_px=pos_px[:, 1],
+            )
+            _batch_fetching_loader(task.reconstructor)
+            _defer_loss_sync(task.reconstructor)
+            inside = _windows_inside(scan, shape, origin)
+            settings["sync_free_patches"] = inside
+            with _sync_free_patches() if inside else contextlib.nullcontext():
+                task.run()
+            result_obj = task.get_data_to_cpu("object", as_numpy=True)[0]
+            result_probe = task.get_data_to_cpu("probe", as_numpy=True)[0]
+            table = task.reconstructor.loss_tracker.table
+            settings["final_loss"] = float(table["loss"].iloc[-1]) if len(table) else float("nan")
+        finally:
+            torch.set_default_device(previous_device)  # pty-chi sets a process-wide default
     return result_obj, result_probe, settings
 
 
