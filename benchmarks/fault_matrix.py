@@ -685,7 +685,7 @@ def soak_cases(m: Matrix, soak_s: float, stall_s: float) -> None:
             try:
                 time.sleep(3.0)
                 r.ioc.memory_base_mb = rss_mb()  # growth from here
-                rss0, n0, resets = rss_mb(), r.ioc.nn.array_counter, r.ioc.memory_resets
+                rss0, n0, dropped = rss_mb(), r.ioc.nn.array_counter, r.ioc.peers_dropped
                 peak = rss0
                 t_end = time.monotonic() + stall_s
                 while time.monotonic() < t_end:
@@ -699,7 +699,7 @@ def soak_cases(m: Matrix, soak_s: float, stall_s: float) -> None:
                 grown = peak - rss0
                 m.check("soak", f"client {how} (queueSize=100000), {n} phases in "
                         f"{stall_s:.0f} s", f"IOC peak < +{2 * headroom:.0f} MB, others served",
-                        f"peak +{grown:.0f} MB, {r.ioc.memory_resets - resets} guard resets, "
+                        f"peak +{grown:.0f} MB, {r.ioc.peers_dropped - dropped} client(s) dropped, "
                         f"other client at uid {seen[-1] if seen else None} of {last}",
                         grown < 2 * headroom
                         and ok_client)

@@ -220,16 +220,6 @@ class PVTable:
             self.values[suffix] = frame
             self.pvs[suffix].post(value)
 
-    def reopen(self, suffix: str) -> None:
-        """Close and reopen one PV with its current value: every subscriber is disconnected
-        (and reconnects), so what pvAccess had queued for them is freed."""
-        spec = self.specs[suffix]
-        with self._lock:
-            pv = self.pvs[suffix]
-            pv.close()
-            pv.open(self._wrap(spec, self._nts[suffix], self.values[suffix],
-                               self.alarms[suffix]))
-
     # ------------------------------------------------------------------ writes
     def on_put(self, suffix: str, hook: PutHook) -> None:
         """``hook(value) -> value to store`` runs on every client write (p4p or CA); raising

@@ -132,7 +132,8 @@ class EdgeIOC:
             self.ca = CAMirror(self.table)
         self._initial_probe = probe
         self.memory_headroom_mb = float(memory_headroom_mb)
-        self.memory_resets = 0
+        self.memory_resets = 0  # times the guard found memory over the headroom
+        self.peers_dropped = 0  # client connections it dropped for not reading
         self.memory_base_mb = 0.0  # RSS the guard measures growth from (set at start)
         self.gather = None  # scale-out: consumers' phases in uniqueId order (start, stitch inputs)
         self._startup_load = None
@@ -286,38 +287,48 @@ class EdgeIOC:
                  self.input_pv or "(none)")
         return self
 
-    #: PVs whose updates are big enough for a client's pvAccess queue to matter
-    IMAGE_PVS = ("NN:Phase", "Stitch:Image", "Stitch:Amplitude", "Stitch:Probe_RBV")
-
     def _guard_memory(self, period_s: float = 1.0) -> None:
         """Bound the IOC's memory under any client: pvxs keeps as many updates for a
         subscriber as its pvRequest asks (``record[queueSize=100000]``, no server-side cap) and
         p4p cannot refuse it, so a client that stops reading grows the IOC by one image per
-        frame. Past ``memory_headroom_mb`` above the RSS at start, the image PVs are reopened:
-        their subscribers reconnect (in well under a second) and what was queued is freed."""
+        frame. Past ``memory_headroom_mb`` above the RSS at start, the connections whose send
+        queue has stayed full (:mod:`ptychostream.ioc.peers`) are dropped: pvxs frees what it
+        queued for them, every other client goes on untouched, and the dropped one reconnects
+        when it reads again."""
+        from ptychostream.ioc.peers import StallWatch, drop
+
         try:  # the size at start: with the start-up model loaded
             self._startup_load.result(120)
         except Exception:
             pass
         self.memory_base_mb = _rss_mb()
+        try:
+            port = int(self._server.conf()["EPICS_PVAS_SERVER_PORT"])
+        except (KeyError, ValueError, AttributeError):
+            port = 0
+        watch = StallWatch(port)
         while not self._stop.wait(period_s):
+            stalled = watch.sample() if port else []
             rss, base = _rss_mb(), self.memory_base_mb
             if rss - base <= self.memory_headroom_mb:
                 continue
-            for suffix in self.IMAGE_PVS:
+            for peer in stalled:
                 try:
-                    self.table.reopen(suffix)
-                except Exception as exc:  # a PV that cannot reopen must not stop the guard
-                    log.error("memory guard: reopening %s failed: %r", suffix, exc)
-            self.memory_resets += 1
+                    drop(peer)
+                    self.peers_dropped += 1
+                except OSError as exc:  # gone meanwhile
+                    log.debug("dropping %s: %r", peer.address, exc)
+            self._stop.wait(0.2)  # pvxs frees the connection on its own thread
             _trim_heap()
             after = _rss_mb()
-            msg = (f"memory {rss - base:.0f} MB above start, over the {self.memory_headroom_mb:.0f}"
-                   f" MB headroom: image PV subscribers reconnected, {rss - after:.0f} MB freed "
-                   "(a client that stopped reading?)")
+            who = ", ".join(p.address for p in stalled) or "no client holding it"
+            msg = (f"memory {rss - base:.0f} MB above start, over the "
+                   f"{self.memory_headroom_mb:.0f} MB headroom: dropped {len(stalled)} client(s) "
+                   f"that stopped reading ({who}), {rss - after:.0f} MB freed")
+            self.memory_resets += 1
             log.warning(msg)
             self.nn.set_error(msg, MINOR_ALARM, kind="record")
-            if after - base > self.memory_headroom_mb / 2:  # not the queues: do not thrash
+            if after - base > self.memory_headroom_mb / 2:  # not client queues: do not thrash
                 self.memory_base_mb = after
 
     def _warn_no_input(self) -> None:
@@ -484,8 +495,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "128 KiB (a float64 128x128 frame) must fit")
     p.add_argument("--memory-headroom-mb", type=float,
                    help="memory the IOC may grow above its start (MiB, default 2048; 0: no "
-                   "guard): past it, image PV subscribers are reconnected, freeing what "
-                   "pvAccess queued for clients that stopped reading")
+                   "guard): past it, clients that stopped reading are dropped, freeing what "
+                   "pvAccess queued for them")
     p.add_argument("--model-store-required", action=argparse.BooleanOptionalAction,
                    default=None, help="refuse a model the store cannot keep, instead of "
                    "serving it unsaved with a MAJOR alarm (default off)")

@@ -266,6 +266,7 @@ class StitchingPlugin:
             if not len(batch):
                 return batch
             placed = np.zeros(len(batch), bool)
+            why = "beyond the map's size bound"
             refine = self.refining and batch.frames and self._probe.shape[-1] == n
             if batch.phase is not None and not refine:
                 # while the refined map is shown the network's phases only seed it: stitching
@@ -275,10 +276,13 @@ class StitchingPlugin:
                 if self._refiner is None:
                     self._start_refiner()
                 seed = batch.phase if self.seed != "none" else None
-                used = self._refiner.update(batch.data, batch.positions, seed_phase=seed)
-                placed |= used
+                r = self._refiner
+                dark, nonfinite = r.n_dark, r.n_nonfinite
+                placed |= r.update(batch.data, batch.positions, seed_phase=seed)
+                why = (f"not refined ({r.n_dark - dark} dark, {r.n_nonfinite - nonfinite} "
+                       "non-finite update, the rest beyond the map's size bound)")
             self.version += 1
-            return batch.drop(~placed, "beyond the map's size bound, dark or not finite")
+            return batch.drop(~placed, why)
 
     def idle(self) -> bool:
         """Further passes: re-visit stored frames while the stream leaves time."""

@@ -394,24 +394,100 @@ def test_pvapy_consumer_path_through_the_input_cases(tmp_path):
 
 
 # ---------------------------------------------------------------------- (8) memory under any client
-def test_memory_guard_reconnects_image_subscribers_and_they_go_on(ioc_factory):
-    """Past the headroom the image PVs are reopened (what pvAccess queued for a client that
-    stopped reading is freed); subscribers reconnect and keep receiving. The benchmark
-    measures it against a frozen client asking for queueSize=100000."""
+FROZEN_CLIENT = textwrap.dedent("""
+    import os, signal, sys, threading
+    from p4p.client.thread import Context
+    first = threading.Event()
+    sub = Context("pva").monitor(sys.argv[1], lambda v: first.set(),
+                                 request="record[queueSize=100000]")
+    first.wait(30)
+    print("subscribed", flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)  # the whole client stops: its socket fills
+""")
+
+
+def test_memory_guard_drops_a_frozen_client_and_the_others_go_on(ioc_factory):
+    """A client asking for a queue of 100,000 images, then frozen, grows the IOC by one image
+    a frame (pvxs honours any queueSize); past the headroom the guard drops that connection
+    alone, and a well-behaved client beside it receives every frame."""
     from ptychostream.ioc import client
+    from ptychostream.ioc.server import _rss_mb as ioc_rss_mb
 
     p = ioc_factory.prefix
-    ioc = ioc_factory(batch_size=1, memory_headroom_mb=1e-3)  # any growth trips it
+    ioc = ioc_factory(batch_size=4, memory_headroom_mb=1e6)
     client.deploy_model(p, onnx_model(), "m")
     phases = PhaseCollector(p)
-    pub = ioc_factory.publisher()
-    wait_for(ioc.input_connected.is_set, what="input monitor")
-    wait_for(lambda: ioc.memory_resets >= 1, what="the guard")
-    ioc.memory_headroom_mb = 1e6  # no more resets: the subscriber reconnects and stays
-    time.sleep(1.5)
-    assert "headroom" in ioc.nn.status()[0]
-    for uid in range(1, 6):
-        pub.publish(frame(uid), uid)
-        time.sleep(0.05)
-    wait_for(lambda: set(range(1, 6)) <= set(phases.frames), what="phases after the resets")
-    phases.close()
+    pub = ioc_factory.publisher()  # before the frozen client: a frozen process that shares the
+    wait_for(ioc.input_connected.is_set, what="input monitor")  # UDP port answers no search
+    uid = 0
+    for _ in range(100):  # warm-up: arenas and caches reach their size
+        uid += 1
+        pub.publish(frame(uid % 7), uid)
+        time.sleep(0.004)
+    wait_for(lambda: uid in phases.frames, what="the warm-up phases")
+    frozen = subprocess.Popen([sys.executable, "-c", FROZEN_CLIENT, p + "NN:Phase"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert frozen.stdout.readline().strip() == "subscribed"
+        ioc.memory_base_mb = ioc_rss_mb()
+        ioc.memory_headroom_mb = 24.0  # ~400 images
+        start = uid
+        while ioc.peers_dropped == 0 and uid < start + 3000:
+            uid += 1
+            pub.publish(frame(uid % 7), uid)
+            time.sleep(0.004)
+        assert ioc.peers_dropped == 1, f"guard dropped {ioc.peers_dropped} after {uid} frames"
+        wait_for(lambda: "stopped reading" in ioc.nn.status()[0], what="the status")
+        for _ in range(20):  # the stream goes on for the others
+            uid += 1
+            pub.publish(frame(uid % 7), uid)
+            time.sleep(0.01)
+        wait_for(lambda: set(range(1, uid + 1)) <= set(phases.frames),
+                 what="every phase at the well-behaved client", timeout=30)
+    finally:
+        frozen.kill()
+        frozen.wait()
+        phases.close()
+
+
+def test_stall_watch_finds_a_peer_that_stops_reading_and_drops_it():
+    """The kernel's view the guard relies on: a connection whose peer reads nothing keeps a
+    full send queue; one that reads does not; dropping the stalled one resets it."""
+    import socket
+
+    from ptychostream.ioc.peers import StallWatch, _address, drop, server_peers
+
+    assert _address("0100007F:DBEC") == "127.0.0.1:56300"
+    assert _address("0000000000000000FFFF00000100007F:1F90") == "127.0.0.1:8080"
+    with socket.create_server(("127.0.0.1", 0)) as lsock:
+        port = lsock.getsockname()[1]
+        reader, sleeper = socket.create_connection(lsock.getsockname()), \
+            socket.create_connection(lsock.getsockname())
+        a, _ = lsock.accept()
+        b, _ = lsock.accept()
+        served = {a.getpeername()[1]: a, b.getpeername()[1]: b}
+        to_reader, to_sleeper = served[reader.getsockname()[1]], served[sleeper.getsockname()[1]]
+        to_sleeper.setblocking(False)
+        chunk = b"x" * 65536
+        try:
+            while True:
+                to_sleeper.send(chunk)
+        except BlockingIOError:
+            pass  # the sleeper's window and our send buffer are full
+        to_reader.sendall(chunk)
+        reader.recv(1 << 20)
+        watch = StallWatch(port, samples=2)
+        assert {p.fd for p in server_peers(port)} == {a.fileno(), b.fileno()}
+        assert watch.sample() == []
+        stalled = watch.sample()
+        assert [p.fd for p in stalled] == [to_sleeper.fileno()]
+        drop(stalled[0])
+        assert to_sleeper.recv(1) == b""  # what pvxs sees: the connection ended, so it closes
+        to_sleeper.close()
+        time.sleep(0.1)
+        with pytest.raises(ConnectionResetError):  # reset: the queued data is discarded
+            while sleeper.recv(1 << 20):
+                pass
+        assert [p.fd for p in server_peers(port)] == [to_reader.fileno()]
+        for s in (reader, sleeper, a, b):
+            s.close()
