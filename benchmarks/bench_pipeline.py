@@ -238,8 +238,9 @@ class IOCProcess:
         self.proc.send_signal(signal.SIGUSR1)
         deadline = time.time() + timeout
         while time.time() < deadline:
-            if self.stats_path.exists():
-                lines = self.stats_path.read_text().splitlines()
+            text = self.stats_path.read_text() if self.stats_path.exists() else ""
+            if text.endswith("\n"):  # a line still being written is not a record yet
+                lines = text.splitlines()
                 if len(lines) > self._n:
                     self._n = len(lines)
                     return json.loads(lines[-1])
@@ -729,6 +730,13 @@ def main(argv: list[str] | None = None) -> int:
                         client.put("BENCH:", "Stitch:Reset", 1)
                         r = ioc_run(ioc, det, phases, scan, 0, uid, args.frames + 64,
                                     stage="map")
+                        if value:  # a stage behind the stream refines what it kept afterwards
+                            r["passes_at_end"] = float(client.get("BENCH:", "Stitch:Passes_RBV"))
+                            t0 = time.time()
+                            while (client.get("BENCH:", "Stitch:Passes_RBV") < 1.0
+                                   and time.time() - t0 < 300):
+                                time.sleep(0.1)
+                            r["catch_up_s"] = time.time() - t0
                         refine[mode].append(r)
                         uid += args.frames
                 best = {m: max(v, key=lambda r: r["map_throughput_hz"])
@@ -855,6 +863,9 @@ def report(results: dict, args, load0: str) -> str:
                   f"{'  Stitch:Refine 1':<40}{r['on']['map_throughput_hz']:10.1f} frames/s, "
                   f"map p99 {r['on']['map_latency_p99_ms']:.0f} ms",
                   f"{'  on / off':<40}{r['on_over_off']:10.2f}"]
+        if "passes_at_end" in r["on"]:
+            lines.append(f"  refinement passes when the last frame was placed {r['on']['passes_at_end']:.2f}; "
+                         f"every frame refined {r['on']['catch_up_s']:.1f} s later")
     if "workers" in results:
         lines += ["\nscale-out: sim detector (pvapy, distributor) -> N pvapy-hpc-consumer "
                   "workers -> IOC gather (--stitch-input):",

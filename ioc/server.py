@@ -109,7 +109,8 @@ class EdgeIOC:
         self.device = device or "cpu"
         self.inference = InferencePlugin(engine, intensity_scale, engine_kwargs)
         self.stitching = StitchingPlugin(stitch_pixel_m, refine=refine, device=self.device,
-                                         idle_gate=lambda: self.nn.idle())
+                                         idle_gate=lambda: self.nn.idle(),
+                                         backlog=lambda: self.nn.queued)
         # the chain, built from its end: map stage, then inference feeding it
         self.stitch = PluginDriver(self.stitching, queue_size=4096, flush_s=0.0,
                                    stats_period_s=stats_period_s,

@@ -159,6 +159,11 @@ class PluginDriver:
             self._queue_size = n
 
     @property
+    def queued(self) -> int:
+        """Frames waiting in this stage's queue."""
+        return self._queued
+
+    @property
     def queue_free(self) -> int:
         return max(0, self._queue_size - self._queued)
 

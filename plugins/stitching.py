@@ -34,6 +34,11 @@ log = logging.getLogger(__name__)
 PLAN_MARGIN_FRAMES = 1.0
 #: frames whose pixel size differs from the map's by more than this fraction are refused
 PIXEL_TOLERANCE = 0.01
+#: frames waiting for inference past which the map stage defers refinement (seeds the map and
+#: keeps the frames, refines them when inference has caught up): on 2 cores, refining every
+#: frame of a saturated stream cost inference 18 % of its rate (bench_pipeline.py --sections
+#: refine: on/off 0.82)
+DEFER_BACKLOG = 32
 
 
 class StitchingPlugin:
@@ -46,7 +51,7 @@ class StitchingPlugin:
                  refine: bool = True, alpha: float | None = None,
                  probe_step: float | None = None, seed: str | None = None, device: str = "cpu",
                  history: int = 2048, max_passes: float = 8.0, max_px: int = MAX_MAP_PX,
-                 idle_gate=None) -> None:
+                 idle_gate=None, backlog=None) -> None:
         from ptychostream import refine as _refine
 
         self.pixel_m = float(pixel_m)
@@ -63,6 +68,7 @@ class StitchingPlugin:
         self.max_passes = float(max_passes)
         self.max_px = int(max_px)
         self.idle_gate = idle_gate  # callable: may idle work run now (e.g. inference is idle)?
+        self.backlog = backlog  # callable: frames waiting for inference (the stage before)
         self._lock = threading.RLock()
         self._planned: np.ndarray | None = None
         self._planned_index: dict[int, int] = {}
@@ -74,6 +80,7 @@ class StitchingPlugin:
         self._first_uid: int | None = None
         self._order_rows = 0
         self.version = 0  # bumps at every change of the map, so hosts republish only when needed
+        self.deferred = 0  # frames whose refinement waited for idle time (the stage was behind)
 
     # ------------------------------------------------------------------ control
     def set_positions(self, positions_m: np.ndarray | None,
@@ -278,7 +285,11 @@ class StitchingPlugin:
                 seed = batch.phase if self.seed != "none" else None
                 r = self._refiner
                 dark, nonfinite = r.n_dark, r.n_nonfinite
-                placed |= r.update(batch.data, batch.positions, seed_phase=seed)
+                # inference behind the stream: seed and keep the frames, refine them when it has
+                # caught up, so the map stage never holds inference back
+                defer = self.backlog is not None and self.backlog() > DEFER_BACKLOG
+                placed |= r.update(batch.data, batch.positions, seed_phase=seed, defer=defer)
+                self.deferred += len(batch) if defer else 0
                 why = (f"not refined ({r.n_dark - dark} dark, {r.n_nonfinite - nonfinite} "
                        "non-finite update, the rest beyond the map's size bound)")
             self.version += 1

@@ -264,10 +264,12 @@ class Refiner:
         return torch.sqrt(x.clamp(min=0.0))
 
     def update(self, frames, positions_m: np.ndarray, seed_phase=None,
-               store: bool = True) -> np.ndarray:
+               store: bool = True, defer: bool = False) -> np.ndarray:
         """Refine the map with a batch of frames (B, N, N) counts, zero frequency centred, at
         beam positions (B, 2) x, y in metres. ``seed_phase`` (B, N, N): the network's phase of
-        each frame (see ``seed``). Returns a (B,) bool mask of the frames used (False: non-finite
+        each frame (see ``seed``). ``defer``: only seed the map and keep the frames; their
+        update comes first among the further passes (:meth:`revisit`), for a stage that is
+        behind the stream. Returns a (B,) bool mask of the frames used (False: non-finite
         position or data, dark, or beyond the map's bound)."""
         torch = self.torch
         pos = np.asarray(positions_m, np.float64).reshape(-1, 2)
@@ -292,14 +294,17 @@ class Refiner:
                 if seed_phase is not None and self.seed != "none":
                     seed = torch.as_tensor(np.asarray(seed_phase)[part] if isinstance(
                         seed_phase, np.ndarray) else seed_phase[part], device=self.device)
-                good = self._step(sub, pos[part], seed)
+                if defer and store:
+                    good = self._seed_only(pos[part], seed)
+                else:
+                    good = self._step(sub, pos[part], seed)
                 used[part[good]] = True
                 if store:
                     self._store(sub if good.all() else sub[torch.as_tensor(good)],
-                                pos[part][good])
+                                pos[part][good], count=0 if defer else 1)
             n = int(used.sum())
             self.n_frames += n
-            self.n_updates += n
+            self.n_updates += 0 if defer and store else n
             self.version += 1
             return used
 
@@ -327,13 +332,13 @@ class Refiner:
             self._P = self._P * self.probe_scale
             self._rescale = False
 
-    def _store(self, amp, pos: np.ndarray) -> None:
+    def _store(self, amp, pos: np.ndarray, count: int = 1) -> None:
         h = self.history_size
         for a, p in zip(amp, pos, strict=True):
             k = self._hist_n % h
             self._hist_amp[k] = a.clamp(max=65000.0).to(self.torch.float16)
             self._hist_pos[k] = p
-            self._hist_count[k] = 1
+            self._hist_count[k] = count
             self._hist_n += 1
 
     # ------------------------------------------------------------------ one batch step
@@ -345,6 +350,16 @@ class Refiner:
             self._p_cache = (P, p_int, p_int.max())
         return self._p_cache[1], self._p_cache[2]
 
+    def _seed_only(self, pos: np.ndarray, seed) -> np.ndarray:
+        """A deferred batch: the network's phase seeds the map (shown at once), no update."""
+        keep = np.ones(len(pos), bool)
+        if seed is not None:
+            corner = np.rint(self.canvas.corners(pos)).astype(np.int64)
+            win = Windows(self.canvas, corner, self.frame_size)
+            self._seed(win, seed)
+            win.add("illum", self._probe_intensity()[0], keep)
+        return keep
+
     def _step(self, amp, pos: np.ndarray, seed) -> np.ndarray:
         """One rPIE step (and ePIE probe step) for up to ``batch`` frames; returns good mask."""
         torch = self.torch
@@ -353,9 +368,7 @@ class Refiner:
         win = Windows(self.canvas, corner, n)
         P = self._P
         p_int, p_max = self._probe_intensity()
-        if seed is not None:
-            self._seed(win, seed, p_int / p_max.clamp(min=1e-30))
-        o_map = win.gather("obj")  # (B, N, N)
+        o_map = win.gather("obj") if seed is None else self._seed(win, seed)  # (B, N, N)
         psi = P[None] * o_map[:, None]  # (B, M, N, N)
         F = torch.fft.fft2(psi, norm="ortho")
         model = torch.sqrt(torch_abs2(F).sum(1, keepdim=True))
@@ -388,25 +401,35 @@ class Refiner:
             log.debug("refinement: %d frame(s) gave a non-finite update; map left as it was", bad)
         return keep
 
-    def _seed(self, win: Windows, phase, w) -> None:
+    def _seed(self, win: Windows, phase):
         """Seed with the network's phase (its constant matched to the map where the map has seen
-        the sample if ``match_seed``): new pixels only, or blended."""
+        the sample if ``match_seed``): new pixels only, or blended. Returns the seeded windows
+        (the map's, (B, N, N)), which are also put back in the map."""
         torch = self.torch
-        _, p_max = self._probe_intensity()
+        w, w_lit, p_max = self._seed_weights()
         o_map, seen_w = win.gather("obj"), win.gather("illum") / p_max
-        z = torch.polar(torch.ones_like(phase, dtype=torch.float32), phase.to(torch.float32))
-        seen = seen_w >= SEEN
-        ws = torch.where(seen, w, torch.zeros_like(w))
-        corr = (ws * o_map * z.conj()).sum((1, 2))
-        has = (ws.sum((1, 2)) >= 0.05 * w.sum()) & self.match_seed
-        z = z * torch.where(has, corr / corr.abs().clamp(min=1e-30),
-                            torch.ones_like(corr))[:, None, None]
-        lit = w >= SEEN
+        phase = phase.to(torch.float32)
+        if self.match_seed:
+            ws = torch.where(seen_w >= SEEN, w, torch.zeros_like(w))
+            corr = (ws * o_map * torch.polar(torch.ones_like(phase), -phase)).sum((1, 2))
+            has = ws.sum((1, 2)) >= 0.05 * w.sum()
+            phase = phase + torch.where(has, torch.angle(corr), 0.0)[:, None, None]
         if self.seed == "new":
-            blend = (lit & ~seen).to(torch.float32)
-        else:  # blend: a running average, weighted by illumination
-            blend = torch.where(lit, w / (seen_w + w), torch.zeros_like(w))
-        win.put("obj", o_map * (1 - blend) + o_map.abs() * z * blend)
+            blend = ((w_lit > 0) & (seen_w < SEEN)).to(torch.float32)
+        else:  # blend: a running average, weighted by illumination (0 where the beam is dim)
+            blend = w_lit / (seen_w + w)
+        o_map = o_map + blend * (torch.polar(o_map.abs(), phase) - o_map)
+        win.put("obj", o_map)
+        return o_map
+
+    def _seed_weights(self):
+        """(w = |P|^2 / peak, w where the beam seeds (>= SEEN) else 0, peak): cached per probe."""
+        p_int, p_max = self._probe_intensity()
+        cache = getattr(self, "_w_cache", (None,))
+        if cache[0] is not p_int:
+            w = p_int / p_max.clamp(min=1e-30)
+            self._w_cache = cache = (p_int, w, self.torch.where(w >= SEEN, w, 0.0), p_max)
+        return cache[1], cache[2], cache[3]
 
     # ------------------------------------------------------------------ further passes
     def revisit(self, max_frames: int | None = None) -> int:
@@ -426,7 +449,8 @@ class Refiner:
             counts = self._hist_count[ring]
             pick = ring[np.argsort(counts, kind="stable")[:k]]
             amp = self._hist_amp[torch.as_tensor(pick, device=self.device)].to(torch.float32)
-            self._alpha_now = self.revisit_alpha
+            # frames deferred by a stage that was behind get their first update as live ones do
+            self._alpha_now = self.alpha if counts.min() == 0 else self.revisit_alpha
             try:
                 good = self._step(amp, self._hist_pos[pick], None)
             finally:
