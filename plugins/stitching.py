@@ -80,7 +80,6 @@ class StitchingPlugin:
         self._first_uid: int | None = None
         self._order_rows = 0
         self.version = 0  # bumps at every change of the map, so hosts republish only when needed
-        self.deferred = 0  # frames whose refinement waited for idle time (the stage was behind)
 
     # ------------------------------------------------------------------ control
     def set_positions(self, positions_m: np.ndarray | None,
@@ -289,7 +288,6 @@ class StitchingPlugin:
                 # caught up, so the map stage never holds inference back
                 defer = self.backlog is not None and self.backlog() > DEFER_BACKLOG
                 placed |= r.update(batch.data, batch.positions, seed_phase=seed, defer=defer)
-                self.deferred += len(batch) if defer else 0
                 why = (f"not refined ({r.n_dark - dark} dark, {r.n_nonfinite - nonfinite} "
                        "non-finite update, the rest beyond the map's size bound)")
             self.version += 1

@@ -273,6 +273,7 @@ class Refiner:
         position or data, dark, or beyond the map's bound)."""
         torch = self.torch
         pos = np.asarray(positions_m, np.float64).reshape(-1, 2)
+        defer = defer and store  # a frame not kept could never be refined later
         with self._lock:
             amp = self._amplitudes(frames)
             totals = (amp.double() ** 2).sum((1, 2))
@@ -294,7 +295,7 @@ class Refiner:
                 if seed_phase is not None and self.seed != "none":
                     seed = torch.as_tensor(np.asarray(seed_phase)[part] if isinstance(
                         seed_phase, np.ndarray) else seed_phase[part], device=self.device)
-                if defer and store:
+                if defer:
                     good = self._seed_only(pos[part], seed)
                 else:
                     good = self._step(sub, pos[part], seed)
@@ -304,7 +305,7 @@ class Refiner:
                                 pos[part][good], count=0 if defer else 1)
             n = int(used.sum())
             self.n_frames += n
-            self.n_updates += 0 if defer and store else n
+            self.n_updates += 0 if defer else n
             self.version += 1
             return used
 

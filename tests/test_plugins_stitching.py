@@ -203,6 +203,38 @@ def test_refinement_without_a_network_shows_the_sample(letters):
     assert "simulation" in plugin.probe_status()
 
 
+def test_a_stage_behind_inference_seeds_at_once_and_refines_when_there_is_time(letters):
+    """While frames wait for inference the map stage only seeds the map (the network's phases
+    show at once) and keeps the frames; once inference has caught up they are refined first,
+    to the map that refining them as they came would give."""
+    s = letters
+    waiting = [100]  # frames queued for inference, as the IOC's backlog callable reports
+    plugin = StitchingPlugin(probe_step=0.0, backlog=lambda: waiting[0],
+                             idle_gate=lambda: waiting[0] == 0)
+    plugin.set_probe(s.probe, "simulation")
+    seeds = s.truth_crops  # a perfect network
+    plugin.process(FrameBatch.from_arrays(s.frames, None, s.positions_m, s.object_pixel_size_m,
+                                          phase=seeds))
+    assert plugin.passes == 0.0  # nothing refined yet: Passes_RBV says the stage is behind
+    img = plugin.image()
+    corr, _ = figures(img.data, (img.attributes["OriginX"], img.attributes["OriginY"]), s)
+    assert corr > 0.97, corr  # but the seeds show the sample already (0.984)
+    assert not plugin.idle()  # inference still busy: no further passes
+    waiting[0] = 0
+    while plugin.passes < 1.0 and plugin.idle():
+        pass
+    assert plugin.passes == 1.0
+    live = StitchingPlugin(probe_step=0.0)  # the same frames refined as they came
+    live.set_probe(s.probe, "simulation")
+    live.process(FrameBatch.from_arrays(s.frames, None, s.positions_m, s.object_pixel_size_m,
+                                        phase=seeds))
+    later, _ = figures(plugin.image().data, (img.attributes["OriginX"],
+                                             img.attributes["OriginY"]), s)
+    now, _ = figures(live.image().data, (live.image().attributes["OriginX"],
+                                         live.image().attributes["OriginY"]), s)
+    assert later > now - 0.02, (later, now)
+
+
 def test_refinement_off_gives_exactly_the_plain_stitch(letters):
     s = letters
     phases = s.truth_crops
