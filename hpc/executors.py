@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import uuid
+import warnings
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,12 @@ class LocalExecutor(concurrent.futures.Executor):
                 raise RuntimeError("cannot submit to a LocalExecutor after shutdown")
             if self._pool is None:
                 from loky import ProcessPoolExecutor
+
+                # loky replaces a worker that grew 300 MB (torch's caches after a training
+                # round do) and warns of a leak; the fresh worker is what we want, the warning
+                # only alarms the user
+                warnings.filterwarnings("ignore", message="A worker was restarted while some",
+                                        category=UserWarning)
 
                 self._pool = ProcessPoolExecutor(max_workers=self.max_workers,
                                                  initializer=_worker_init)
