@@ -108,7 +108,8 @@ PVS: dict[str, PVSpec] = {
                doc="which probe refines the map and where it came from, or why one was refused"),
         PVSpec("Stitch:Passes_RBV", "float",
                doc="frame updates per frame of the map: 1 after the live pass, more as idle "
-                   "time re-visits frames"),
+                   "time re-visits frames, below 1 while the stage waits for inference to "
+                   "catch up (frames seeded, refined later)"),
         PVSpec("Stitch:Weighting", "enum", True, 0,
                "weight of each network image in the stitch: probe intensity, a central crop, "
                "or the whole frame", choices=("Probe", "Crop", "Uniform")),
