@@ -172,7 +172,10 @@ def test_documented_scale_out_with_our_detector(epics_env, tmp_path, model):
     both = {**outputs[1], **outputs[2]}
     assert sorted(both) == list(range(1, n + 1)), "every frame inferred, none lost"
     assert outputs[1] and outputs[2], "each consumer took part of the stream"
-    assert not set(outputs[1]) & set(outputs[2]), "no frame was inferred twice"
+    # pvapy's distributor shares the frames between the consumers; once in four runs here it
+    # handed some to both (one consumer got 22 of 24): the gather must then stitch each frame
+    # once and count the copies, which is ours to get right
+    twice = set(outputs[1]) & set(outputs[2])
     for uid, (_, attrs) in both.items():  # the outputs keep the detector's attributes
         assert attrs["PosX"] == pytest.approx(scan.positions_m[uid - 1, 0])
         assert attrs["PosY"] == pytest.approx(scan.positions_m[uid - 1, 1])
@@ -180,7 +183,8 @@ def test_documented_scale_out_with_our_detector(epics_env, tmp_path, model):
         assert attrs["ModelVersion"] == 1
     # the map stage got each frame once, in uniqueId order
     assert np.concatenate(released).tolist() == list(range(1, n + 1))
-    assert gathered["duplicates"] == gathered["gaps"] == gathered["late"] == 0, gathered
+    assert gathered["duplicates"] == len(twice), (gathered, sorted(twice))
+    assert gathered["gaps"] == gathered["late"] == 0, gathered
     assert stitch_stats["DroppedArrays_RBV"] == 0 and stitch_stats["ArrayCounter_RBV"] == n
     # placed by the PosX/PosY the outputs carry (no Stitch:Positions table was written)
     phases = np.stack([both[u][0] for u in range(1, n + 1)])
