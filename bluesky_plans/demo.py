@@ -89,34 +89,41 @@ class DemoConfig:
 
 
 # --------------------------------------------------------------------------- analysis helpers
-MAPS = ("flat", "network", "live", "iterative")
+MAPS = ("flat", "ceiling", "network", "live", "iterative")
 MAP_TITLES = {"network": "network alone (offline stitch)",
+              "ceiling": "truth crops stitched as the network's phases (a perfect network)",
               "live": "live map at the IOC (refined)", "iterative": "iterative (pty-chi rPIE)",
               "flat": "flat map"}
 
 
-def network_map(model_path: str | None, scan_path: str, shape, origin_m, pixel_m: float):
-    """The serving network's phases stitched offline as the IOC stitches them (probe weights,
-    offsets registered), on a given grid; None without a model."""
-    if not model_path:
-        return None
-    from ptychostream.engines import load_engine
-    from ptychostream.scanfile import read_scan
+def stitched_map(phases: np.ndarray, scan, shape, origin_m, pixel_m: float) -> np.ndarray:
+    """Per-frame phases stitched offline as the IOC stitches the network's (probe weights,
+    offsets registered), on a given grid."""
     from ptychostream.stitch import Stitcher
 
-    scan = read_scan(scan_path)
-    phases = load_engine("onnxruntime", model_path).infer(scan.frames)
-    st = Stitcher(pixel_m, scan.frame_size, positions_m=scan.positions_m, weighting="probe",
+    st = Stitcher(pixel_m, phases.shape[-1], positions_m=scan.positions_m, weighting="probe",
                   probe=scan.probe, beam_fwhm_m=scan.beam_fwhm_m, register_offsets=True)
     st.add_many(phases, scan.positions_m, batch=8)
     return st.resample_to(shape, origin_m)
 
 
+def network_map(model_path: str | None, scan_path: str, shape, origin_m, pixel_m: float):
+    """The serving network's phases stitched as the IOC stitches them; None without a model."""
+    if not model_path:
+        return None
+    from ptychostream.engines import load_engine
+    from ptychostream.scanfile import read_scan
+
+    scan = read_scan(scan_path)
+    phases = load_engine("onnxruntime", model_path).infer(scan.frames)
+    return stitched_map(phases, scan, shape, origin_m, pixel_m)
+
+
 def compare_maps(live: np.ndarray, live_origin, scan_path: str, recon_path: str,
                  model_path: str | None = None) -> tuple[dict, dict]:
     """Every map against the truth over the illuminated area (ptychostream.metrics): SSIM,
-    correlation and MAE of the flat map, the network alone, the live IOC map and the iterative
-    reconstruction, and SSIM of the live map against the iterative one. Returns (figures, maps
+    correlation and MAE of the flat map, the truth ceiling, the network alone, the live IOC map
+    and the iterative reconstruction, and SSIM of the live map against the iterative one. Returns (figures, maps
     cropped to the area, offsets matched)."""
     from ptychostream.hpc import read_reconstruction
     from ptychostream.metrics import align_median, illuminated_mask, map_figures, phase_ssim
@@ -133,6 +140,8 @@ def compare_maps(live: np.ndarray, live_origin, scan_path: str, recon_path: str,
     net = network_map(model_path, scan_path, shape, rec.origin_m, px)
     if net is not None:
         maps["network"] = net
+    if scan.truth_crops is not None:  # what the network's map could be at best: the ceiling
+        maps["ceiling"] = stitched_map(scan.truth_crops, scan, shape, rec.origin_m, px)
     figures = {k: map_figures(v, truth, mask) for k, v in maps.items()}
     ok = mask & np.isfinite(maps["live"])
     out = {"figures": figures, "region_px": int(mask.sum()),
@@ -147,7 +156,7 @@ def compare_maps(live: np.ndarray, live_origin, scan_path: str, recon_path: str,
         a[~mask[box]] = np.nan
         return a
 
-    shown = {k: crop(v) for k, v in maps.items() if k != "flat"}
+    shown = {k: crop(v) for k, v in maps.items() if k not in ("flat", "ceiling")}
     shown["truth"] = crop(truth)
     return out, shown
 

@@ -40,6 +40,11 @@ def test_demo_quick_completes_and_writes_its_figures(epics_env, tmp_path):
         assert s["ioc_frames"] == s["frames"] and s["drops"] == 0
         for key in ("ssim_live_truth", "ssim_live_iterative", "ssim_iterative_truth"):
             assert -1.0 <= s[key] <= 1.0
+        # every map beside the flat map and the truth ceiling (the true phases, stitched)
+        figs = s["figures"]
+        assert {"flat", "ceiling", "live", "iterative"} <= set(figs)
+        assert figs["flat"]["corr"] == 0 and figs["ceiling"]["corr"] > 0.99
+        assert figs["ceiling"]["mae"] < figs["live"]["mae"] < figs["flat"]["mae"]
     assert sparse["overlap"] < test["overlap"]
     assert summary["qa"]["ssim"] == pytest.approx(sparse["validate_ssim"], abs=1e-6)
     assert summary["qa"]["decision"].startswith(sparse["decision"][:40])
