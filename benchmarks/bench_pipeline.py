@@ -450,6 +450,26 @@ class DetectorProcess:
             self.proc.kill()
 
 
+def start_consumers(argv: list[str], cwd: Path, log_file) -> subprocess.Popen:
+    """``pvapy-hpc-consumer ARGV`` (status every second, no curses) in a session of its own,
+    with the default SIGINT: a benchmark started in the background has SIGINT ignored, which
+    its children would inherit, and then the Ctrl-C of :func:`stop_consumers` never arrives."""
+    return subprocess.Popen(
+        [str(BIN / "pvapy-hpc-consumer"), *argv, "--report-period", "1", "--disable-curses",
+         "--log-level", "warning"],
+        cwd=cwd, env=dict(os.environ), stdout=log_file, stderr=subprocess.STDOUT,
+        start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def stop_consumers(consumers: subprocess.Popen) -> None:
+    """Ctrl-C (pvapy's clean stop); the whole group killed if it has not ended in 60 s."""
+    consumers.send_signal(signal.SIGINT)
+    try:
+        consumers.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(consumers.pid, signal.SIGKILL)
+
+
 def consumer_status(prefix: str, n: int) -> list[dict]:
     from p4p.client.thread import Context
 
@@ -485,15 +505,11 @@ def scale_out(args, tmp: Path, scan, det: DetectorProcess, model_file: Path, n_w
     if args.engine == "onnxruntime":
         pargs["threads"] = max(1, ncpu // n_workers)
     clog = open(tmp / f"consumers{n_workers}.log", "w")
-    consumers = subprocess.Popen(
-        [str(BIN / "pvapy-hpc-consumer"), "--input-channel", det.pv,
-         "--n-consumers", str(n_workers), "--distributor-updates", "1",
+    consumers = start_consumers(
+        ["--input-channel", det.pv, "--n-consumers", str(n_workers), "--distributor-updates", "1",
          "--output-channel", prefix + "phase:*", "--status-channel", prefix + "status:*",
          "--processor-class", PROCESSOR, "--processor-args", json.dumps(pargs),
-         "--server-queue-size", str(args.frames + 64), "--report-period", "1",
-         "--disable-curses", "--log-level", "warning"],
-        cwd=tmp, env=dict(os.environ), stdout=clog, stderr=subprocess.STDOUT,
-        start_new_session=True)
+         "--server-queue-size", str(args.frames + 64)], tmp, clog)
     ioc = IOCProcess(prefix, [a for i in range(1, n_workers + 1)
                               for a in ("--stitch-input", f"{prefix}phase:{i}")],
                      tmp, f"ioc-scaleout{n_workers}", args.device)
@@ -544,11 +560,7 @@ def scale_out(args, tmp: Path, scan, det: DetectorProcess, model_file: Path, n_w
     finally:
         if outs is not None:
             outs.close()
-        consumers.send_signal(signal.SIGINT)
-        try:
-            consumers.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(consumers.pid, signal.SIGKILL)
+        stop_consumers(consumers)
         ioc.stop()
         clog.close()
     return {"workers": n_workers, "rows": rows}
@@ -558,15 +570,12 @@ def baseline_per_frame(args, tmp: Path, scan, det: DetectorProcess, model_file: 
     """The published consumer (UserDataProcessor, onnxruntime per frame) fed by our detector."""
     prefix = "BASE:"
     clog = open(tmp / "baseline.log", "w")
-    consumers = subprocess.Popen(
-        [str(BIN / "pvapy-hpc-consumer"), "--input-channel", det.pv,
+    consumers = start_consumers(
+        ["--input-channel", det.pv,
          "--output-channel", prefix + "out:*", "--status-channel", prefix + "status:*",
          "--processor-file", str(HERE), "--processor-class", "PerFrameOnnxProcessor",
          "--processor-args", json.dumps({"modelFile": str(model_file)}),
-         "--server-queue-size", str(args.frames + 64), "--report-period", "1",
-         "--disable-curses", "--log-level", "warning"],
-        cwd=tmp, env=dict(os.environ), stdout=clog, stderr=subprocess.STDOUT,
-        start_new_session=True)
+         "--server-queue-size", str(args.frames + 64)], tmp, clog)
     # the same downstream as the workers' rows: the IOC gathers and stitches its outputs (they
     # carry no positions: the plan gives them by uniqueId)
     ioc = IOCProcess(prefix, ["--stitch-input", prefix + "out:1"], tmp, "ioc-baseline",
@@ -601,11 +610,7 @@ def baseline_per_frame(args, tmp: Path, scan, det: DetectorProcess, model_file: 
         if outs is not None:
             outs.close()
         ioc.stop()
-        consumers.send_signal(signal.SIGINT)
-        try:
-            consumers.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(consumers.pid, signal.SIGKILL)
+        stop_consumers(consumers)
         clog.close()
 
 
