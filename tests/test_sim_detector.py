@@ -121,7 +121,10 @@ def test_pvapy_ad_sim_server_feeds_the_ioc(epics_env, scan, tmp_path):
         s = ioc.nn.stats()
         assert s["ArrayCounter_RBV"] == n and s["DroppedArrays_RBV"] == 0
         assert s["UniqueId_RBV"] == n
-        # the phase of the last frame is that of the file's last frame
+        # the phase of the last frame is that of the file's last frame; NN:Phase is posted from
+        # a thread of its own, after the counters (seen in CI: read before the last post)
+        wait_for(lambda: getattr(ioc.table.get("NN:Phase"), "unique_id", 0) == n, 10,
+                 "NN:Phase to carry the last frame")
         last = ioc.table.get("NN:Phase")
         expected = ioc.inference.serving.engine.infer(scan.frames[n - 1][None])[0]
         np.testing.assert_allclose(last.data, expected, rtol=1e-5, atol=1e-5)
