@@ -110,24 +110,31 @@ class PhasePublisher:
                 batch = self._q.get(timeout=0.1)
             except queue.Empty:
                 continue
-            for i in range(len(batch)):
-                now = time.monotonic()
-                if self.min_period_s > 0 and now - self._last < self.min_period_s:
-                    continue
-                self._last = now
-                try:
-                    self.table.post_frame(self.suffix, Frame(
-                        batch.phase[i], int(batch.unique_ids[i]), float(batch.timestamps[i]),
-                        batch.attributes(i)))
-                    self.posted += 1
-                except Exception:
-                    log.exception("posting %s failed", self.suffix)
+            try:
+                self._post(batch)
+            finally:
+                self._q.task_done()
+
+    def _post(self, batch: FrameBatch) -> None:
+        for i in range(len(batch)):
+            now = time.monotonic()
+            if self.min_period_s > 0 and now - self._last < self.min_period_s:
+                continue
+            self._last = now
+            try:
+                self.table.post_frame(self.suffix, Frame(
+                    batch.phase[i], int(batch.unique_ids[i]), float(batch.timestamps[i]),
+                    batch.attributes(i)))
+                self.posted += 1
+            except Exception:
+                log.exception("posting %s failed", self.suffix)
 
     def wait_empty(self, timeout: float = 10.0) -> bool:
+        """True once every batch handed in has been posted (not merely taken off the queue)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self._q.unfinished_tasks and not self._q.empty():
+        while self._q.unfinished_tasks and time.monotonic() < deadline:
             time.sleep(0.01)
-        return self._q.empty()
+        return not self._q.unfinished_tasks
 
     def stop(self) -> None:
         self._stop.set()

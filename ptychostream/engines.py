@@ -219,6 +219,8 @@ class TorchEngine(InferenceEngine):
         torch = self.torch
         n = len(x)
         if not self.cuda_graphs or n > self.max_batch:
+            if not x.flags.writeable:  # torch warns on read-only arrays (p4p's are); 64 KB a frame
+                x = np.array(x)
             with torch.inference_mode():
                 return self._eager(torch.from_numpy(x).to(self.device)).float().cpu().numpy()
         b = 1 << (n - 1).bit_length()  # next power of two: few graphs, partial batches padded

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -79,7 +80,9 @@ def load_state_dict(source: str | Path | bytes | dict) -> PtychoNN2:
     else:
         buf = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
         try:
-            obj = torch.load(buf, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # a bad file is refused with one line, not a warning
+                warnings.simplefilter("ignore", UserWarning)
+                obj = torch.load(buf, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for bad pickles/zips
             raise ModelError(f"not a loadable PyTorch file: {exc.__class__.__name__}: {exc}") from exc
     state = _unwrap_state_dict(obj)
