@@ -29,7 +29,9 @@ package, and the script runs from any directory::
 JSON keys kept from earlier versions: ``bare_engine_hz``, ``ratio`` (IOC saturated / bare),
 ``max_rate_zero_drops_hz``; new: ``workers`` (one row per worker count), ``refine``,
 ``baseline_per_frame``, ``sweep`` rows with ``missed``, ``not_inferred``, ``phase_skipped``
-(inferred but not posted on NN:Phase: its publisher's queue was full) and ``lost_in_transit``.
+(inferred but not posted on NN:Phase: its publisher's queue was full) and ``lost_in_transit``;
+``cpu_us_per_frame`` in every IOC row: CPU per frame of each of the IOC's stages (its threads are
+named) and of this process (the detector and the NN:Phase monitor), read from /proc.
 """
 
 from __future__ import annotations
@@ -337,6 +339,40 @@ def figures(uids: list[int], sent: dict[int, float], got: dict[int, float]) -> d
             "latency_p99_ms": float(np.percentile(lat, 99))}
 
 
+#: Linux thread names (the IOC names its stages' threads) -> the group a row of CPU shows
+CPU_GROUPS = {"plugin-NN": "inference (NN thread)", "plugin-Stitch": "map stage",
+              "nn-phase-publis": "NN:Phase publisher", "ioc-memory-guar": "memory guard"}
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds so far of each thread group of process ``pid`` (from /proc, Linux): where
+    the cores go, which a throughput figure alone cannot say. Engine pool threads inherit the
+    name of the thread that made them ("python" here: counted as "engine pool and other")."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for t in tasks:
+        try:
+            stat = Path(f"/proc/{pid}/task/{t}/stat").read_text()
+        except OSError:
+            continue  # the thread ended
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        group = CPU_GROUPS.get(comm, "pvxs (PVX*)" if comm.startswith("PVX")
+                               else "engine pool and other")
+        out[group] = out.get(group, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def cpu_per_frame(before: dict, after: dict, n: int) -> dict[str, float]:
+    """µs of CPU per frame of each group between two :func:`thread_cpu` readings."""
+    return {k: round((after.get(k, 0.0) - before.get(k, 0.0)) / max(n, 1) * 1e6, 1)
+            for k in sorted(after, key=lambda k: before.get(k, 0.0) - after[k])}
+
+
 def ioc_run(ioc: IOCProcess, det, phases: Arrivals | None, scan, rate: float, first_uid: int,
             queue_size: int, settle_s: float = 3.0, stage: str = "phase") -> dict:
     """Publish the scan once at ``rate`` (0: as fast as possible) into the IOC; what came out
@@ -353,6 +389,7 @@ def ioc_run(ioc: IOCProcess, det, phases: Arrivals | None, scan, rate: float, fi
     det.scan, det.rate, det.first_unique_id, det.repeat = scan, rate, first_uid, 1
     det.sent_times.clear()
     det.sent_unique_ids.clear()
+    cpu0, own0 = thread_cpu(ioc.proc.pid), time.process_time()
     t0 = time.time()
     det.run()
     t_sent = time.time() - t0
@@ -361,6 +398,9 @@ def ioc_run(ioc: IOCProcess, det, phases: Arrivals | None, scan, rate: float, fi
         settle(lambda: len(phases.arrivals), len(uids), settle_s)
     else:
         settle(lambda: int(client.get(p, "Stitch:ArrayCounter_RBV")), len(uids), settle_s)
+    cpu = cpu_per_frame(cpu0, thread_cpu(ioc.proc.pid), len(uids))
+    cpu["this process (detector, NN:Phase monitor)"] = round(
+        (time.process_time() - own0) / max(len(uids), 1) * 1e6, 1)
     time.sleep(0.6)  # the IOC posts its counters every 0.25 s
     snap = ioc.snapshot()
     got = phases.take() if phases is not None else {}
@@ -373,7 +413,8 @@ def ioc_run(ioc: IOCProcess, det, phases: Arrivals | None, scan, rate: float, fi
            "ioc_dropped": int(nn["DroppedArrays_RBV"]), "missed": int(snap["nn_missed"]),
            "inferred": len(inferred), "phase_posted": int(snap["phase_posted"]),
            "phase_skipped": int(snap["phase_skipped"]), "stitched": len(stitched),
-           "stitch_dropped": int(snap["stitch"]["DroppedArrays_RBV"])}
+           "stitch_dropped": int(snap["stitch"]["DroppedArrays_RBV"]),
+           "cpu_us_per_frame": cpu}
     if phases is not None:
         ph = figures(uids, sent, {u: a for u, (a, _) in got.items()})
         row.update({"received": ph["out"], "throughput_hz": ph["throughput_hz"],
@@ -840,7 +881,10 @@ def report(results: dict, args, load0: str) -> str:
             f"not posted {sat['phase_skipped']}, "
             f"lost after posting {sat['lost_in_transit']})",
             f"{'  saturated: frame->map':<40}{sat['map_throughput_hz']:10.1f} frames/s, "
-            f"p50 {sat['map_latency_p50_ms']:.1f} ms, p99 {sat['map_latency_p99_ms']:.1f} ms"]
+            f"p50 {sat['map_latency_p50_ms']:.1f} ms, p99 {sat['map_latency_p99_ms']:.1f} ms",
+            f"  saturated: CPU per frame, µs (the bare engine, on all {os.cpu_count()} cores: "
+            f"{os.cpu_count() * 1e6 / bare:.0f})"]
+        lines += [f"    {k:<42}{v:8.0f}" for k, v in sat.get("cpu_us_per_frame", {}).items()]
     if "pipeline_deep_monitor" in results:
         d = results["pipeline_deep_monitor"]
         lines.append(f"{'  same, input monitor queueSize ' + str(d['monitor_queue']):<40}"

@@ -102,8 +102,9 @@ class PhasePublisher:
             self.skipped += len(batch)
 
     def _run(self) -> None:
-        from ptychostream.plugins.driver import lower_priority
+        from ptychostream.plugins.driver import lower_priority, name_os_thread
 
+        name_os_thread()
         lower_priority(LATER_STAGE_NICE)
         while not self._stop.is_set():
             try:

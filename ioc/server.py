@@ -297,7 +297,9 @@ class EdgeIOC:
         queued for them, every other client goes on untouched, and the dropped one reconnects
         when it reads again."""
         from ptychostream.ioc.peers import StallWatch, drop
+        from ptychostream.plugins.driver import name_os_thread
 
+        name_os_thread()
         try:  # the size at start: with the start-up model loaded
             self._startup_load.result(120)
         except Exception:

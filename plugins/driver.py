@@ -58,6 +58,18 @@ def lower_priority(nice: int) -> None:
         log.debug("thread priority unchanged: %s", exc)
 
 
+def name_os_thread() -> None:
+    """Give the calling thread its Python name in the OS too (Linux ``comm``, 15 characters), so
+    ``top -H`` and /proc/PID/task/*/comm show which stage uses the CPU. Best effort."""
+    import ctypes
+
+    try:
+        name = threading.current_thread().name.encode()[:15]
+        ctypes.CDLL(None).prctl(15, name, 0, 0, 0)  # 15: PR_SET_NAME
+    except (AttributeError, OSError, TypeError) as exc:
+        log.debug("thread name unchanged: %s", exc)
+
+
 class RateLimitedLog:
     """One WARNING for the first of a kind of problem, then one summary per ``period_s``."""
 
@@ -362,6 +374,7 @@ class PluginDriver:
             return raw
 
     def _run(self) -> None:
+        name_os_thread()
         if self.nice:
             lower_priority(self.nice)
         has_idle = hasattr(self.plugin, "idle")

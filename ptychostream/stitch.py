@@ -215,11 +215,20 @@ class Windows:
     def _frames(self, keep: np.ndarray | None) -> list[int]:
         return list(range(self.n_frames)) if keep is None else np.nonzero(keep)[0].tolist()
 
-    def gather(self, name: str):
+    def gather(self, name: str, dtype=None):
+        """A copy of each frame's window (B, N, N), converted to ``dtype`` on the way."""
         layer = self.layers[name]
         if self.by_index:
-            return layer.view(-1)[self.flat]
-        return self.torch.stack([layer[s] for s in self.slices])
+            out = layer.view(-1)[self.flat]
+            return out if dtype is None else out.to(dtype)
+        if not self.slices:
+            return self.torch.empty((0, 0, 0), dtype=dtype or layer.dtype, device=layer.device)
+        r, c = self.slices[0]
+        out = self.torch.empty((len(self.slices), r.stop - r.start, c.stop - c.start),
+                               dtype=dtype or layer.dtype, device=layer.device)
+        for o, s in zip(out, self.slices, strict=True):
+            o.copy_(layer[s])  # one pass per window, converting as it copies
+        return out
 
     def add(self, name: str, values, keep: np.ndarray | None = None) -> None:
         """Add per-frame values (B, N, N), or one (N, N) array, to the windows; overlaps sum."""
@@ -315,16 +324,22 @@ class Stitcher:
     def _shifted(self, img, fr, fc, edge: bool):
         """Bilinear sub-pixel shift of (B, N+1, N+1) images by (fr, fc) in [0, 1): the image's
         pixel k lands on index k + f (pull form, as scipy.ndimage.shift with order 1); beyond
-        the first row/column the image repeats its edge (``edge``, ndimage's "nearest") or is 0."""
+        the first row/column the image repeats its edge (``edge``, ndimage's "nearest") or is 0.
+        One ``lerp`` per axis, written in place: the map stage's largest cost on a CPU."""
         torch = self.torch
-
-        def before(a, dim):  # a[k-1] along dim
-            first = a.narrow(dim, 0, 1)
-            pad = first if edge else torch.zeros_like(first)
-            return torch.cat([pad, a.narrow(dim, 0, a.shape[dim] - 1)], dim)
-
-        a = (1 - fr) * img + fr * before(img, 1)
-        return (1 - fc) * a + fc * before(a, 2)
+        a = torch.empty_like(img)
+        torch.lerp(img[:, 1:], img[:, :-1], fr, out=a[:, 1:])  # (1 - f) x[k] + f x[k-1]
+        if edge:
+            a[:, :1] = img[:, :1]
+        else:
+            torch.mul(img[:, :1], 1 - fr, out=a[:, :1])
+        b = torch.empty_like(a)
+        torch.lerp(a[:, :, 1:], a[:, :, :-1], fc, out=b[:, :, 1:])
+        if edge:
+            b[:, :, :1] = a[:, :, :1]
+        else:
+            torch.mul(a[:, :, :1], 1 - fc, out=b[:, :, :1])
+        return b
 
     def add_batch(self, phases, positions_m: np.ndarray) -> np.ndarray:
         """Add a batch of phase images (B, N, N) at beam positions (B, 2) x, y in metres.
@@ -386,11 +401,11 @@ class Stitcher:
         (weighted mean of map - image where both are well lit), and whether they overlap
         enough to say; 0 where they do not."""
         torch = self.torch
-        s, mw = win.gather("sum").to(self._work), win.gather("weight").to(self._work)
+        s, mw = win.gather("sum", self._work), win.gather("weight", self._work)
         both = (mw >= REGISTER_MIN_WEIGHT) & (w >= REGISTER_MIN_WEIGHT)
-        ww = torch.where(both, w * mw.clamp(max=1.0), torch.zeros_like(w))
+        ww = (w * mw.clamp(max=1.0)).masked_fill_(~both, 0.0)  # 0 outside the overlap
         total = ww.sum((1, 2))
-        diff = torch.where(both, s / mw.clamp(min=1e-12) - img, torch.zeros_like(img))
+        diff = s.div_(mw.clamp_(min=1e-12)).sub_(img)  # finite everywhere: s and img are
         off = (ww * diff).sum((1, 2)) / total.clamp(min=1e-12)
         enough = total >= REGISTER_MIN_OVERLAP * w.sum((1, 2))
         return torch.where(enough, off, torch.zeros_like(off)), enough

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -188,3 +189,21 @@ def test_swap_between_batches_serves_whole_batches():
             src = frames(12, start=1 if u <= 12 else 13)[(u - 1) % 12]
             np.testing.assert_allclose(phase, ref[b.model_name].infer(src.data[None])[0],
                                        rtol=1e-4, atol=1e-4)
+
+
+def test_driver_thread_carries_its_stage_name_in_the_os():
+    """``top -H`` and /proc show which stage uses the CPU (bench_pipeline reads them)."""
+    import os
+
+    drv, _, _ = _collecting_driver(InferencePlugin())
+    drv.start()
+    try:
+        tid = drv._thread.native_id
+        deadline = time.monotonic() + 10
+        comm = ""
+        while time.monotonic() < deadline and comm != f"plugin-{drv.name}"[:15]:
+            comm = open(f"/proc/{os.getpid()}/task/{tid}/comm").read().strip()
+            time.sleep(0.01)
+    finally:
+        drv.stop()
+    assert comm == f"plugin-{drv.name}"[:15]
