@@ -32,8 +32,9 @@ demo-quick: $(STAMP)  ## the same story, small (under a minute)
 test: $(STAMP)  ## run the test suite
 	$(PY) -m pytest
 
-bench: $(STAMP)  ## inference timing table (writes bench-results/*.json)
+bench: $(STAMP)  ## inference and map-stage timing tables (writes bench-results/*.json)
 	$(PY) benchmarks/bench_inference.py --json bench-results/inference.json
+	$(PY) benchmarks/bench_stitch.py --json bench-results/stitch.json
 
 lint: $(STAMP)  ## ruff
 	$(VENV)/bin/ruff check .
