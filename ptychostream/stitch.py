@@ -90,6 +90,9 @@ class Canvas:
         self.pixel_m = float(pixel_m)
         self.frame_size = int(frame_size)
         self.device = torch.device(device)
+        #: windows as one indexed kernel per batch (GPU) or a slice per frame (CPU); a test sets
+        #: it on the CPU so the GPU's code runs where no GPU is
+        self.index_windows = self.device.type != "cpu"
         self.max_px = int(max_px)
         self._layer_spec = dict(layers)  # name -> (torch dtype, fill value)
         self.origin: tuple[float, float] | None = None
@@ -196,8 +199,9 @@ class Windows:
 
     On the CPU one slice per frame (cheaper than building flat indices for a few frames); on a
     GPU one indexed kernel for the batch (fewer launches). ``put`` may write overlapping
-    windows: they carry equal values there (the pixel's old value plus its one summed update).
-    ``keep`` (a (B,) bool array) limits ``add``/``put`` to those frames."""
+    windows; where they differ (frames seeded by the network differ on their overlap) the
+    batch's last frame wins on both paths. ``keep`` (a (B,) bool array) limits ``add``/``put``
+    to those frames."""
 
     def __init__(self, canvas: Canvas, corners: np.ndarray, n: int) -> None:
         import torch
@@ -206,7 +210,7 @@ class Windows:
         self.corners = corners
         self.layers = canvas.layers
         self.n_frames = len(corners)
-        self.by_index = canvas.device.type != "cpu"
+        self.by_index = canvas.index_windows
         if self.by_index:
             self.flat = canvas.window_index(corners, n)  # (B, N, N)
         else:
@@ -249,7 +253,14 @@ class Windows:
     def put(self, name: str, values, keep: np.ndarray | None = None) -> None:
         layer, idx = self.layers[name], self._frames(keep)
         if self.by_index:
-            layer.view(-1)[self.flat[idx].reshape(-1)] = values[idx].reshape(-1)
+            # an indexed write with repeated indices keeps any one of them: keep each pixel's
+            # last, as the frame-by-frame loop does, so the map does not depend on the device
+            flat, vals = self.flat[idx].reshape(-1), values[idx].reshape(-1)
+            pixels, which = self.torch.unique(flat, return_inverse=True)
+            order = self.torch.arange(flat.numel(), device=flat.device)
+            last = self.torch.zeros(len(pixels), dtype=order.dtype, device=flat.device)
+            last.scatter_reduce_(0, which, order, "amax", include_self=False)
+            layer.view(-1)[pixels] = vals[last]
             return
         for i in idx:
             layer[self.slices[i]] = values[i]

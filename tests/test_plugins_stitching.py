@@ -306,3 +306,30 @@ def test_probes_are_checked_and_read_from_files(tmp_path, letters):
     assert "scan file" in source
     with pytest.raises(ProbeError, match="neither"):
         load_probe(b"hello world, not a probe")
+
+
+def test_the_gpu_window_path_gives_the_cpu_maps(letters):
+    """Windows as one indexed kernel per batch (the GPU's path) run here on the CPU: the
+    stitched map (offsets registered) and the refined map, seeded and revisited, are those of
+    the slice-per-frame path."""
+    s = letters
+    phases = s.truth_crops.astype(np.float32) + 0.3
+    maps = {}
+    for by_index in (False, True):
+        st = Stitcher(s.object_pixel_size_m, weighting="probe", probe=s.probe,
+                      register_offsets=True, positions_m=s.positions_m)
+        st.canvas.index_windows = by_index
+        st.add_many(phases, s.positions_m, batch=16)
+        r = Refiner(s.probe, s.object_pixel_size_m, positions_m=s.positions_m, batch=16,
+                    probe_start=40)
+        r.canvas.index_windows = by_index
+        for k in range(0, s.n_frames, 16):
+            r.update(s.frames[k:k + 16], s.positions_m[k:k + 16], seed_phase=phases[k:k + 16],
+                     defer=k >= 64)
+        for _ in range(s.n_frames // 16):  # a second pass, deferred frames first
+            r.revisit(16)
+        maps[by_index] = st.image(), r.phase_image()
+    np.testing.assert_allclose(maps[True][0], maps[False][0], rtol=1e-5, atol=1e-5,
+                               equal_nan=True)
+    np.testing.assert_allclose(maps[True][1], maps[False][1], rtol=1e-4, atol=1e-4,
+                               equal_nan=True)
