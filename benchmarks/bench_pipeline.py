@@ -53,7 +53,9 @@ import numpy as np
 log = logging.getLogger("bench_pipeline")
 
 HERE = Path(__file__).resolve()
-BIN = Path(sys.executable).parent  # console scripts live beside the interpreter (a venv)
+#: pvapy's consumer, run as its module: its console script lies beside the interpreter in a
+#: venv but elsewhere under ``pip install --target`` (the GPU machine's install, see benchmarks/gpu)
+CONSUMER = [sys.executable, "-m", "pvapy.cli.hpcConsumer"]
 PROCESSOR = "ptychostream.plugins.pvapy_adapter.InferenceProcessor"
 
 
@@ -496,7 +498,7 @@ def start_consumers(argv: list[str], cwd: Path, log_file) -> subprocess.Popen:
     with the default SIGINT: a benchmark started in the background has SIGINT ignored, which
     its children would inherit, and then the Ctrl-C of :func:`stop_consumers` never arrives."""
     return subprocess.Popen(
-        [str(BIN / "pvapy-hpc-consumer"), *argv, "--report-period", "1", "--disable-curses",
+        [*CONSUMER, *argv, "--report-period", "1", "--disable-curses",
          "--log-level", "warning"],
         cwd=cwd, env=dict(os.environ), stdout=log_file, stderr=subprocess.STDOUT,
         start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

@@ -7,6 +7,8 @@
 #   run(command="bash benchmarks/gpu/run.sh base", carry=[".whl"], timeout_s=600)    # ~8 min
 #   run(command="bash benchmarks/gpu/run.sh checks", carry=[".whl"], timeout_s=600)  # ~8 min
 #
+# Before that, try it here at toy size (a Python 3.12 with the image's packages first on PATH):
+#   OUT=/tmp/gpu-out bash benchmarks/gpu/run.sh rehearse
 # `base` trains and benchmarks the base model (benchmarks/train_base_model.py); `checks` runs
 # the speed benchmarks (inference, refinement, pipeline, HPC). Each packs its results into
 # $OUT/*.tar.gz (the tool returns at most 8 files); unpack here, and ship a base model with
