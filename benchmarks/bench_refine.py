@@ -3,10 +3,15 @@
 and device, on a simulated letters scan streamed in arrival order (ptychostream.refine).
 
     python benchmarks/bench_refine.py [--device cpu|cuda] [--batches 1 8 32 128] [--json out.json]
+    python benchmarks/bench_refine.py --scan SCAN.h5 --probe RECON.h5 --passes 1 2 4 8 \
+        --probe-steps 0 0.5
 
 A batch's frames update together (corrections from the same map, summed, applied once), so a
-GPU can take big batches; this shows what that costs in accuracy. Figures are over the
-illuminated area (ptychostream.metrics), beside the flat map's.
+GPU can take big batches; this shows what that costs in accuracy. ``--passes`` adds accuracy
+after further passes (the IOC's idle-time revisits) with the probe given (``--probe``: a file
+:func:`ptychostream.refine.load_probe` reads, e.g. an earlier scan's reconstruction; default the
+scan's true probe), for each ePIE probe step: how far the probe, not the frames, limits the map.
+Figures are over the illuminated area (ptychostream.metrics), beside the flat map's.
 """
 
 from __future__ import annotations
@@ -56,6 +61,31 @@ def run(scan, batch: int, device: str, threads: int | None, probe_step: float) -
             **{k: fig[k] for k in ("ssim", "corr", "mae")}}
 
 
+def run_passes(scan, probe, probe_step: float, passes: list[int], device: str) -> list[dict]:
+    """One live pass, then revisits; the map's figures after each number of passes asked."""
+    from ptychostream.geometry import place_on_grid
+    from ptychostream.metrics import illuminated_mask, map_figures
+    from ptychostream.refine import Refiner
+
+    truth = scan.truth_phase
+    mask = illuminated_mask(scan.positions_m, truth.shape, scan.truth_origin_m,
+                            scan.object_pixel_size_m, scan.beam_fwhm_m)
+    r = Refiner(probe, scan.object_pixel_size_m, positions_m=scan.positions_m, device=device,
+                probe_step=probe_step, seed="none", history=scan.n_frames)
+    for s in range(0, scan.n_frames, 64):  # handed over as a stream's batches
+        r.update(scan.frames[s:s + 64], scan.positions_m[s:s + 64])
+    rows = []
+    for target in sorted(passes):
+        while r.passes < target - 1e-9:
+            r.revisit()
+        est = place_on_grid(r.phase_image(), r.origin, scan.object_pixel_size_m, truth.shape,
+                            scan.truth_origin_m)
+        fig = map_figures(est, truth, mask)
+        rows.append({"probe_step": probe_step, "passes": target, "batch": r.batch,
+                     **{k: fig[k] for k in ("ssim", "corr", "mae")}})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,7 +94,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--positions", type=int, default=400)
     ap.add_argument("--step-nm", type=float, default=50.0)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    ap.add_argument("--probe-step", type=float, default=0.0)
+    ap.add_argument("--probe-step", type=float, default=0.0, help="probe step of the batch rows")
+    ap.add_argument("--scan", help="a scan file with truth (default: a simulated letters scan)")
+    ap.add_argument("--probe", help="probe for the passes rows: a .npy, reconstruction or scan "
+                                    "file (default: the scan's true probe)")
+    ap.add_argument("--passes", nargs="*", type=int, default=[],
+                    help="also report accuracy after these numbers of passes")
+    ap.add_argument("--probe-steps", nargs="*", type=float, default=[0.0, 0.5],
+                    help="probe steps of the passes rows")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     setup_logging()
@@ -74,16 +111,33 @@ def main(argv: list[str] | None = None) -> dict:
     from ptychostream.simulation import simulate_scan
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    scan = simulate_scan(n_positions=args.positions, step_m=args.step_nm * 1e-9, seed=4242,
-                         sample_kind="test")
+    if args.scan:
+        from ptychostream.scanfile import read_scan
+
+        scan = read_scan(args.scan)
+        if scan.truth_phase is None:
+            raise SystemExit(f"{args.scan} holds no truth to score against")
+    else:
+        scan = simulate_scan(n_positions=args.positions, step_m=args.step_nm * 1e-9, seed=4242,
+                             sample_kind="test")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = [run(scan, b, device, args.threads, args.probe_step) for b in args.batches]
+    probe, probe_name = scan.probe, "the scan's true probe"
+    if args.probe:
+        from ptychostream.refine import load_probe
+
+        probe, probe_name = load_probe(args.probe)
+    pass_rows = [row for step in (args.probe_steps if args.passes else [])
+                 for row in run_passes(scan, probe, step, args.passes, device)]
     mask = illuminated_mask(scan.positions_m, scan.truth_phase.shape, scan.truth_origin_m,
                             scan.object_pixel_size_m, scan.beam_fwhm_m)
     flat = flat_baseline(scan.truth_phase, mask)
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"{device}, " \
         f"{args.threads} thread(s)"
-    print(f"\nlive refinement, letters scan, {scan.n_frames} frames at {args.step_nm:.0f} nm "
-          f"(overlap {scan.step_m and 1 - 3 ** 0.5 * scan.step_m / scan.beam_fwhm_m:.2f}), "
+    step_nm = (scan.step_m or args.step_nm * 1e-9) * 1e9
+    print(f"\nlive refinement, {args.scan or 'letters scan'}, {scan.n_frames} frames at "
+          f"{step_nm:.0f} nm (overlap {1 - 3 ** 0.5 * step_nm * 1e-9 / scan.beam_fwhm_m:.2f}), "
           f"{name}")
     print(f"{'batch':>6} {'frames/s':>10} {'us/frame':>9} {'SSIM':>6} {'corr':>6} {'MAE rad':>8}")
     for r in rows:
@@ -91,8 +145,14 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['ssim']:>6.3f} {r['corr']:>6.3f} {r['mae']:>8.3f}")
     print(f"{'flat':>6} {'':>10} {'':>9} {flat['ssim']:>6.3f} {flat['corr']:>6.3f} "
           f"{flat['mae']:>8.3f}")
-    out = {"device": name, "positions": args.positions, "step_nm": args.step_nm, "rows": rows,
-           "flat": flat}
+    if pass_rows:
+        print(f"\nfurther passes (batch {pass_rows[0]['batch']}), probe: {probe_name}")
+        print(f"{'probe step':>10} {'passes':>6} {'SSIM':>6} {'corr':>6} {'MAE rad':>8}")
+        for r in pass_rows:
+            print(f"{r['probe_step']:>10.2f} {r['passes']:>6} {r['ssim']:>6.3f} {r['corr']:>6.4f} "
+                  f"{r['mae']:>8.4f}")
+    out = {"device": name, "scan": args.scan, "positions": scan.n_frames, "step_nm": step_nm,
+           "rows": rows, "flat": flat, "probe": probe_name, "passes": pass_rows}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2))

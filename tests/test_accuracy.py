@@ -154,3 +154,23 @@ def test_short_training_beats_the_flat_map(tmp_path):
                for c in np.linspace(0.0, 2.1, 43))
     assert flat > 0.9  # half film, half ground: no constant is right
     assert net < 0.75 * flat, (net, flat)
+
+
+def test_refinement_benchmark_scores_further_passes_with_a_given_probe(tmp_path):
+    """bench_refine --scan/--probe/--passes: the map after further passes with the probe
+    handed in (here the true one, as a .npy) is scored against the scan's truth, per pass."""
+    from ptychostream.scanfile import write_scan
+    from ptychostream.simulation import simulate_scan
+
+    scan = simulate_scan(n_positions=30, step_m=50e-9, seed=7, sample_kind="test")
+    scan_file = write_scan(tmp_path / "scan.h5", scan, compression=None)
+    np.save(tmp_path / "probe.npy", scan.probe)
+    out = _load("bench_refine").main([
+        "--scan", str(scan_file), "--probe", str(tmp_path / "probe.npy"), "--batches",
+        "--passes", "1", "3", "--probe-steps", "0", "--json", str(tmp_path / "refine.json")])
+    one, three = out["passes"]
+    assert (one["passes"], three["passes"]) == (1, 3)
+    assert all(math.isfinite(r[k]) for r in (one, three) for k in ("ssim", "corr", "mae"))
+    assert three["corr"] > one["corr"] and three["mae"] < one["mae"]
+    assert "probe.npy" in out["probe"]
+    assert json.loads((tmp_path / "refine.json").read_text())["passes"] == out["passes"]
