@@ -27,6 +27,9 @@ PIP=("$ENV_DIR/bin/python" -m pip)
 "${PIP[@]}" install --no-deps tike==0.26.0
 # ptychostream itself: its base requirements are pinned above; no IOC, Bluesky or pty-chi extras
 "${PIP[@]}" install --no-deps "$REPO"
+# checked from outside the repository: from its root the source folder ptychostream/ (which
+# lacks the hpc subpackage: setup.cfg maps it from hpc/) would shadow what was installed
+cd "$ENV_DIR"
 "$ENV_DIR/bin/python" - <<'PY'
 import numpy, tike, ptychostream.hpc
 assert numpy.__version__.startswith("1."), numpy.__version__
