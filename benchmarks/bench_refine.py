@@ -64,7 +64,7 @@ def run(scan, batch: int, device: str, threads: int | None, probe_step: float) -
 def run_passes(scan, probe, probe_step: float, passes: list[int], device: str) -> list[dict]:
     """One live pass, then revisits; the map's figures after each number of passes asked."""
     from ptychostream.geometry import place_on_grid
-    from ptychostream.metrics import illuminated_mask, map_figures
+    from ptychostream.metrics import illuminated_mask, map_figures, remove_ramp
     from ptychostream.refine import Refiner
 
     truth = scan.truth_phase
@@ -81,8 +81,11 @@ def run_passes(scan, probe, probe_step: float, passes: list[int], device: str) -
         est = place_on_grid(r.phase_image(), r.origin, scan.object_pixel_size_m, truth.shape,
                             scan.truth_origin_m)
         fig = map_figures(est, truth, mask)
+        flat_est, ramp = remove_ramp(est, truth, mask)
+        deramped = map_figures(flat_est, truth, mask)
         rows.append({"probe_step": probe_step, "passes": target, "batch": r.batch,
-                     **{k: fig[k] for k in ("ssim", "corr", "mae")}})
+                     **{k: fig[k] for k in ("ssim", "corr", "mae")}, "ramp_rad_per_px": ramp,
+                     **{f"deramped_{k}": deramped[k] for k in ("ssim", "corr", "mae")}})
     return rows
 
 
@@ -147,10 +150,14 @@ def main(argv: list[str] | None = None) -> dict:
           f"{flat['mae']:>8.3f}")
     if pass_rows:
         print(f"\nfurther passes (batch {pass_rows[0]['batch']}), probe: {probe_name}")
-        print(f"{'probe step':>10} {'passes':>6} {'SSIM':>6} {'corr':>6} {'MAE rad':>8}")
+        print("(ramp: slope of the plane fitted to map - truth, the error no diffraction pattern "
+              "can tell; deramped: the figures once that plane is removed)")
+        print(f"{'probe step':>10} {'passes':>6} {'SSIM':>6} {'corr':>6} {'MAE rad':>8} "
+              f"{'ramp rad/px':>11} {'deramped SSIM / corr / MAE':>27}")
         for r in pass_rows:
             print(f"{r['probe_step']:>10.2f} {r['passes']:>6} {r['ssim']:>6.3f} {r['corr']:>6.4f} "
-                  f"{r['mae']:>8.4f}")
+                  f"{r['mae']:>8.4f} {r['ramp_rad_per_px']:>11.1e} {r['deramped_ssim']:>13.3f} / "
+                  f"{r['deramped_corr']:.4f} / {r['deramped_mae']:.4f}")
     out = {"device": name, "scan": args.scan, "positions": scan.n_frames, "step_nm": step_nm,
            "rows": rows, "flat": flat, "probe": probe_name, "passes": pass_rows}
     if args.json:

@@ -116,6 +116,19 @@ def map_figures(est: np.ndarray, truth: np.ndarray, mask: np.ndarray,
     }
 
 
+def remove_ramp(est: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, float]:
+    """(``est`` minus the plane fitted to ``est - truth`` over ``mask``, the plane's slope in rad
+    per pixel). A linear phase ramp in the object with the opposite one in the probe (a shift
+    of the probe's far field) leaves every diffraction pattern as it was: the one error the
+    data cannot tell, so a benchmark reports how much of a map's error it is."""
+    ok = np.asarray(mask, bool) & np.isfinite(est) & np.isfinite(truth)
+    y, x = np.nonzero(ok)
+    a = np.stack([np.ones(len(y)), y, x], axis=1)
+    c = np.linalg.lstsq(a, (est - truth)[ok].astype(np.float64), rcond=None)[0]
+    yy, xx = np.indices(est.shape)
+    return (est - (c[0] + c[1] * yy + c[2] * xx)).astype(np.float32), float(np.hypot(c[1], c[2]))
+
+
 def flat_baseline(truth: np.ndarray, mask: np.ndarray, data_range: float | None = None) -> dict:
     """The figures of a constant map: what a method must beat to show anything at all."""
     flat = np.zeros_like(truth, dtype=np.float32)

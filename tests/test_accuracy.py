@@ -172,5 +172,6 @@ def test_refinement_benchmark_scores_further_passes_with_a_given_probe(tmp_path)
     assert (one["passes"], three["passes"]) == (1, 3)
     assert all(math.isfinite(r[k]) for r in (one, three) for k in ("ssim", "corr", "mae"))
     assert three["corr"] > one["corr"] and three["mae"] < one["mae"]
+    assert all(r["ramp_rad_per_px"] >= 0 and math.isfinite(r["deramped_mae"]) for r in (one, three))
     assert "probe.npy" in out["probe"]
     assert json.loads((tmp_path / "refine.json").read_text())["passes"] == out["passes"]

@@ -117,3 +117,22 @@ def test_frame_mae_with_and_without_the_frames_offset(small_scan):
     fm = frame_mae(shifted, crops, beam)
     assert fm["mae"] == pytest.approx(np.abs(np.linspace(-0.5, 0.5, len(crops))).mean(), rel=1e-3)
     assert fm["mae_offset_removed"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_remove_ramp_finds_the_plane_the_data_cannot_tell():
+    """A map off by a plane (0.1 rad + 2e-3 rad/px): the slope is found and, removed, the map
+    is the truth again; a map off by noise alone has (nearly) no slope."""
+    from ptychostream.metrics import remove_ramp
+
+    rng = np.random.default_rng(1)
+    truth = np.where(rng.random((80, 90)) > 0.7, 2.0, 0.0).astype(np.float32)
+    yy, xx = np.indices(truth.shape)
+    mask = np.ones(truth.shape, bool)
+    mask[:10] = False
+    est = truth + 0.1 + 2e-3 * yy - 1.5e-3 * xx
+    est[:10] = np.nan  # outside the mask: ignored
+    flat, slope = remove_ramp(est, truth, mask)
+    assert slope == pytest.approx(2.5e-3, rel=1e-4)
+    assert np.abs(flat - truth)[mask].max() < 1e-5
+    _, small = remove_ramp(truth + rng.normal(0, 0.01, truth.shape), truth, mask)
+    assert small < 2e-5
