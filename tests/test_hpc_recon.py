@@ -49,6 +49,27 @@ def test_reconstruction_matches_truth(hpc_scans):
     assert abs(np.median(rec.phase[m & (truth < 0.05)])) < 0.15 * scan.truth_phase.max()
 
 
+def test_the_ramp_moves_into_the_probe_and_the_frames_do_not_see_it(hpc_scans):
+    """move_ramp_to_probe: every frame's far field is the same with the ramp moved (the
+    ambiguity), and a written reconstruction's object has no ramp left for the labels to take."""
+    from ptychostream.hpc.reconstruct import move_ramp_to_probe
+
+    rng = np.random.default_rng(3)
+    n = 32
+    obj = np.exp(1j * rng.normal(0, 0.5, (80, 90)) - 0.1 * rng.random((80, 90)))
+    yy, xx = np.indices((n, n)) - n / 2
+    probe = (np.exp(-(yy ** 2 + xx ** 2) / 60.0) * np.exp(1j * 0.01 * yy ** 2))[None]
+    obj2, probe2 = move_ramp_to_probe(obj, probe, (2e-3, -3e-3))
+    assert not np.allclose(probe2, probe, atol=1e-3)  # the probe did change
+    for r, c in [(0, 0), (17, 40), (48, 58)]:
+        far = np.abs(np.fft.fft2(probe[0] * obj[r:r + n, c:c + n])) ** 2
+        far2 = np.abs(np.fft.fft2(probe2[0] * obj2[r:r + n, c:c + n])) ** 2
+        np.testing.assert_allclose(far2, far, rtol=1e-4, atol=1e-4 * far.max())
+    rec = read_reconstruction(hpc_scans["recons"][0])
+    left = align_phase(rec.object, rec.mask)[1]["ramp"]
+    assert max(abs(v) for v in left) < 1e-5, left
+
+
 def test_labels_line_up_with_truth_crops(hpc_scans):
     scan = read_scan(hpc_scans["scans"][0])
     lab = read_labels(hpc_scans["labels"][0])
