@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 
 from ptychostream.batch import FrameBatch
@@ -333,3 +334,47 @@ def test_the_gpu_window_path_gives_the_cpu_maps(letters):
                                equal_nan=True)
     np.testing.assert_allclose(maps[True][1], maps[False][1], rtol=1e-4, atol=1e-4,
                                equal_nan=True)
+
+
+def test_a_learning_probe_takes_the_maps_phase_ramp(letters):
+    """A probe given with a phase ramp draws the opposite ramp into the map, and a learning
+    probe drifts into more; frames cannot tell (the pair fits them as well). While the probe
+    learns, once per pass the refiner moves the map's ramp into the probe: less ramp is left,
+    and the move leaves the model's intensity of every frame as it was."""
+    from ptychostream.metrics import illuminated_mask, remove_ramp
+    from ptychostream.refine import Refiner, torch_abs2
+
+    s = letters
+    n = s.frame_size
+    k = np.arange(n) - n / 2
+    tilted = s.probe * np.exp(1j * 3e-3 * k[:, None])  # 3e-3 rad/px along rows
+    mask = illuminated_mask(s.positions_m, s.truth_phase.shape, s.truth_origin_m,
+                            s.object_pixel_size_m, s.beam_fwhm_m)
+    left, refiners = {}, {}
+    for move in (False, True):
+        r = Refiner(tilted, s.object_pixel_size_m, probe_step=0.5, seed="none",
+                    positions_m=s.positions_m, history=s.n_frames, move_ramp=move)
+        r.update(s.frames, s.positions_m)
+        while r.passes < 4:
+            r.revisit()
+        est = place_on_grid(r.phase_image(), r.origin, s.object_pixel_size_m,
+                            s.truth_phase.shape, s.truth_origin_m)
+        left[move], refiners[move] = remove_ramp(est, s.truth_phase, mask)[1], r
+    assert left[False] > 2e-3, left  # measured 3.1e-3
+    assert left[True] < 0.6 * left[False], left  # measured 1.4e-3
+    assert refiners[True].ramp_moved[0] < -1e-3, refiners[True].ramp_moved  # the rows tilt
+    assert refiners[False].ramp_moved == (0.0, 0.0)
+
+    r = refiners[True]
+    corners = np.rint(r.canvas.corners(s.positions_m[[10, 60, 110]])).astype(int)
+
+    def model():
+        obj = r.canvas.layers["obj"]
+        w = torch.stack([obj[y:y + n, x:x + n] for x, y in corners])
+        return torch_abs2(torch.fft.fft2(r._P[None] * w[:, None], norm="ortho")).sum(1)
+
+    before, moved = model(), r.ramp_moved
+    r._ramp_at = (0, r.probe_updates - 1)  # let it move once more, now
+    r._move_ramp_to_probe()
+    assert r.ramp_moved != moved
+    torch.testing.assert_close(model(), before, rtol=1e-4, atol=1e-5 * float(before.max()))
