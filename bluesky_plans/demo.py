@@ -96,6 +96,25 @@ MAP_TITLES = {"network": "network alone (offline stitch)",
               "flat": "flat map"}
 
 
+def _wait_refined(ioc, timeout: float = 60.0, stall: float = 3.0) -> float:
+    """Wait until the map stage's idle passes reach Stitch:MaxPasses (or stop moving), then one
+    map update more, so the live map read is the one the IOC ends the scan with."""
+    target = float(ioc.stitch.max_passes.get())
+    start = last_change = time.monotonic()
+    last = -1.0
+    while time.monotonic() - start < timeout:
+        passes = float(ioc.stitch.passes.get())
+        if passes >= target - 1e-6:
+            break
+        if passes != last:
+            last, last_change = passes, time.monotonic()
+        elif time.monotonic() - last_change > stall:
+            break
+        time.sleep(0.2)
+    time.sleep(float(ioc.stitch.update_period.get()) + 0.2)
+    return float(ioc.stitch.passes.get())
+
+
 def stitched_map(phases: np.ndarray, scan, shape, origin_m, pixel_m: float) -> np.ndarray:
     """Per-frame phases stitched offline as the IOC stitches the network's (probe weights,
     offsets registered), on a given grid."""
@@ -413,10 +432,13 @@ def run_demo(out_dir: str | Path = "demo-output", quick: bool = False, prefix: s
                                               exposure=cfg.exposure_s, ioc=ioc, scan_name=name)
 
             RE(scan_and_check())
+            _wait_refined(ioc)
             live = get_stitched(prefix)
             live_origin, _ = stitched_geometry(live)
             s = docs.scan_summary(docs.runs[-1])
-            s.update(features="letters")
+            # frame updates per frame the live map had when it was read (Stitch:Passes_RBV)
+            s.update(features="letters", live_passes=round(float(ioc.stitch.passes.get()), 2))
+            log.info("== %s: live map read after %.2f passes", name, s["live_passes"])
             log.info("== %s: iterative reconstruction for comparison", name)
             box: dict = {}
 

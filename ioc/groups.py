@@ -370,6 +370,7 @@ class StitchPVs(PluginPVs):
     probe_rbv = pv("Stitch:Probe_RBV")
     probe_status = pv("Stitch:ProbeStatus_RBV")
     passes = pv("Stitch:Passes_RBV")
+    max_passes = pv("Stitch:MaxPasses")
     weighting = pv("Stitch:Weighting")
     crop = pv("Stitch:Crop")
     beam_size = pv("Stitch:BeamSize")
@@ -395,6 +396,7 @@ class StitchPVs(PluginPVs):
         self.refine.set(int(s.refine))
         self.refine_alpha.set(float(s.alpha))
         self.probe_step.set(float(s.probe_step))
+        self.max_passes.set(float(s.max_passes))
         self.seed_mode.set(self.SEED_MODES.index(s.seed))
         self.weighting.set(self.WEIGHTINGS.index(s.weighting))
         self.crop.set(int(s.crop or 0))
@@ -452,6 +454,12 @@ class StitchPVs(PluginPVs):
     def probe_step(self, value: float) -> float:
         v = in_range(float, "ProbeStep", 0.0, 2.0)(value)
         self.stitching.configure(probe_step=v)
+        return v
+
+    @max_passes.put
+    def max_passes(self, value: float) -> float:
+        v = in_range(float, "MaxPasses", 1.0, 1000.0)(value)
+        self.stitching.max_passes = v
         return v
 
     @seed_mode.put

@@ -50,7 +50,7 @@ class StitchingPlugin:
                  beam_fwhm_m: float = 800e-9, register_offsets: bool = True,
                  refine: bool = True, alpha: float | None = None,
                  probe_step: float | None = None, seed: str | None = None, device: str = "cpu",
-                 history: int = 2048, max_passes: float = 8.0, max_px: int = MAX_MAP_PX,
+                 history: int = 2048, max_passes: float | None = None, max_px: int = MAX_MAP_PX,
                  idle_gate=None, backlog=None) -> None:
         from ptychostream import refine as _refine
 
@@ -65,7 +65,7 @@ class StitchingPlugin:
         self.seed = seed or _refine.DEFAULT_SEED
         self.device = device
         self.history = int(history)
-        self.max_passes = float(max_passes)
+        self.max_passes = _refine.DEFAULT_MAX_PASSES if max_passes is None else float(max_passes)
         self.max_px = int(max_px)
         self.idle_gate = idle_gate  # callable: may idle work run now (e.g. inference is idle)?
         self.backlog = backlog  # callable: frames waiting for inference (the stage before)

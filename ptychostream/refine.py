@@ -72,6 +72,13 @@ DEFAULT_GPU_BATCH = 16
 #: 0.022, with the exact probe 0.739 / 0.031 -> 0.856 / 0.023; a training scan 0.520 / 0.085 ->
 #: 0.786 / 0.027; the 18-frame sparse scan 0.421 / 0.118 -> 0.424 / 0.122
 DEFAULT_MOVE_RAMP = True
+#: further passes the map stage makes while idle (frame updates per frame, live pass included);
+#: measured with the probe of the scan before, probe learnt (benchmarks/bench_refine.py
+#: --passes), SSIM / MAE: the demo's test scan (overlap 0.85) 8 -> 0.856 / 0.022, 12 -> 0.879 /
+#: 0.021, 16 -> 0.878 / 0.021, 24 -> 0.874 / 0.021; its 18-frame sparse scan (overlap 0.61)
+#: 8 -> 0.421 / 0.118, 16 -> 0.602 / 0.055, 24 -> 0.700 / 0.037. Idle time only: inference
+#: never waits for them (plugins/stitching.py)
+DEFAULT_MAX_PASSES = 16.0
 #: probe power allowed (sum |P|^2): anything outside is no probe of a detector with counts
 PROBE_POWER_RANGE = (1e-12, 1e15)
 

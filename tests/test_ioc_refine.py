@@ -62,6 +62,10 @@ def test_probe_and_no_model_shows_the_sample(epics_env, letters, tmp_path):
         assert "scan file" in client.get(p, "Stitch:ProbeStatus_RBV")
         assert client.get(p, "NN:ModelVersion_RBV") == 0
         client.put(p, "Stitch:UpdatePeriod", 0.2)
+        assert client.get(p, "Stitch:MaxPasses") == ioc.stitching.max_passes == 16.0
+        client.put(p, "Stitch:MaxPasses", 2)  # idle re-visits stop at 2 frame updates a frame
+        with pytest.raises(RemoteError, match="MaxPasses"):
+            client.put(p, "Stitch:MaxPasses", 0)
         wait_for(ioc.input_connected.is_set, what="input monitor")
         for i in range(s.n_frames):
             pub.publish(s.frames[i], i + 1, {"PosX": s.positions_m[i, 0],
@@ -79,6 +83,9 @@ def test_probe_and_no_model_shows_the_sample(epics_env, letters, tmp_path):
         amplitude = client.get(p, "Stitch:Amplitude")
         assert amplitude.shape == image.shape
         assert client.get(p, "Stitch:Passes_RBV") >= 1.0
+        wait_for(lambda: ioc.stitching.passes >= 2.0, what="two passes")
+        time.sleep(0.5)  # idle, but no further pass
+        assert ioc.stitching.max_passes == 2.0 and ioc.stitching.passes < 2.1
         # no model: the frames were passed on, not lost, and the map counted every one
         assert client.get(p, "NN:DroppedArrays_RBV") == 0
         assert client.get(p, "Stitch:DroppedArrays_RBV") == 0

@@ -168,7 +168,8 @@ def build() -> screen.Screen:
     if wide:  # the live refinement: the map shows the sample from the first frames
         widgets += column("Refinement", [
             ("Refine", "Stitch:Refine"), ("Probe", "Stitch:ProbeStatus_RBV"),
-            ("Passes", "Stitch:Passes_RBV"), ("Alpha", "Stitch:RefineAlpha"),
+            ("Passes", "Stitch:Passes_RBV"), ("Max passes", "Stitch:MaxPasses"),
+            ("Alpha", "Stitch:RefineAlpha"),
             ("Probe step", "Stitch:ProbeStep"), ("Network seed", "Stitch:SeedMode"),
             ("Weighting", "Stitch:Weighting"), ("Register offsets", "Stitch:RegisterOffsets"),
         ], 1010, top)
