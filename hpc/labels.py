@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ptychostream.geometry import median_phase_gradient
+
 log = logging.getLogger(__name__)
 
 LABEL_FORMAT = 1
@@ -88,9 +90,8 @@ def align_phase(
     The rules give every scan the simulation's convention: the least phase-shifting material
     (etched ground, vacuum) at 0 rad, material phase-advancing positive.
 
-    Ramp: the median phase gradient along rows and columns over ``mask`` (edges of features rise
-    and fall in equal measure, so the median sees only the ramp; a least-squares plane would be
-    pulled by where the features happen to lie).
+    Ramp: the median phase gradient along rows and columns over ``mask``
+    (:func:`ptychostream.geometry.median_phase_gradient`).
 
     ``sign``: 1 or -1 (keep or negate), a reference phase on the same grid (e.g. the serving
     model's stitched prediction: the sign that correlates with it), or "auto": material absorbs,
@@ -126,9 +127,7 @@ def align_phase(
     if ramp:
         rr, cc = np.indices(obj.shape, dtype=np.float64)
         for _ in range(2):  # a second pass mops up what wrapping hid in the first
-            g_r = np.angle(work[1:, :] * np.conj(work[:-1, :]))[mask[1:, :] & mask[:-1, :]]
-            g_c = np.angle(work[:, 1:] * np.conj(work[:, :-1]))[mask[:, 1:] & mask[:, :-1]]
-            d_r, d_c = float(np.median(g_r)), float(np.median(g_c))
+            d_r, d_c = median_phase_gradient(work, mask)
             work = work * np.exp(-1j * (d_r * rr + d_c * cc))
             slope[0] += d_r
             slope[1] += d_c

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ptychostream.geometry import frame_corner_px, map_geometry
+from ptychostream.geometry import frame_corner_px, map_geometry, move_ramp_to_probe
 
 log = logging.getLogger(__name__)
 
@@ -125,25 +125,6 @@ def initial_probe(scan, modes: int, engine: str = "ptychi") -> np.ndarray:
 
         probe = orthogonalize_initial_probe(torch.from_numpy(probe)).numpy()
     return probe[0]
-
-
-def move_ramp_to_probe(obj: np.ndarray, probe: np.ndarray, ramp) -> tuple[np.ndarray, np.ndarray]:
-    """(object without its linear phase ramp, probe with the opposite ramp). Why: a ramp in the
-    object with the opposite one in the probe (a shift of the probe's far field) leaves every
-    frame's exit wave as it was but for a constant phase, so no reconstruction can tell it; the
-    labels drop the object's (:func:`~ptychostream.hpc.labels.align_phase`), and a probe that
-    keeps its half would draw the same ramp into every live map refined with it (README, "The
-    live map": 0.59 -> 0.74 SSIM on the demo's test scan). ``ramp``: rad/px along rows, cols."""
-    q_r, q_c = (float(v) for v in ramp)
-    rr, cc = np.indices(obj.shape[-2:], dtype=np.float64)
-    obj = (obj * np.exp(-1j * (q_r * rr + q_c * cc))).astype(np.complex64)
-    p = np.asarray(probe)
-    n = p.shape[-1]
-    inten = (np.abs(p.reshape(-1, n, n)) ** 2).sum(0)
-    k = np.arange(n, dtype=np.float64)
-    r0, c0 = (inten.sum(1) @ k) / inten.sum(), (inten.sum(0) @ k) / inten.sum()
-    u, v = np.meshgrid(k - r0, k - c0, indexing="ij")  # about the beam's centre: its phase stays
-    return obj, (p * np.exp(1j * (q_r * u + q_c * v))).astype(np.complex64)
 
 
 def auto_batch_size(positions_m: np.ndarray, beam_m: float, overlaps: float = 3.0) -> int:
@@ -508,7 +489,7 @@ def reconstruct(
             "seconds": float(seconds), "n_frames": int(scan.n_frames),
             "pixel_size_m": float(dx), "origin_m": np.asarray(origin, np.float64),
             "energy_ev": float(scan.energy_ev), "created": time.time(),
-            # the ramp found in the object, moved into the probe (move_ramp_to_probe)
+            # the ramp found in the object, moved into the probe (geometry.move_ramp_to_probe)
             "phase_offset_rad": alignment["offset"], "phase_ramp_rad_per_px": alignment["ramp"],
             "phase_sign": alignment["sign"], "phase_background": alignment["background"],
             "settings": json.dumps(settings),

@@ -88,3 +88,38 @@ def crop_at(
         rr, cc = np.meshgrid(r0 + k, c0 + k, indexing="ij")
         out[i] = ndimage.map_coordinates(image, [rr, cc], order=order, mode="nearest", prefilter=False)
     return out
+
+
+# --------------------------------------------------------------------------- the ramp ambiguity
+# A linear phase ramp in the object with the opposite one in the probe (a shift of the probe's
+# far field) gives every frame the same intensities: the frames cannot tell it, so a learning
+# probe drifts into one and the map carries it (README, "The live map"). The labels take the
+# map's ramp out (ptychostream.hpc.labels.align_phase); reconstructions and the live refiner
+# hand it to the probe (move_ramp_to_probe), which keeps the pair as good a fit as before.
+def median_phase_gradient(obj: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """The linear phase ramp of the complex ``obj`` over ``mask``, rad/px along rows and
+    columns: the median phase difference between neighbours (edges of features rise and fall
+    in equal measure, so the median sees only the ramp, where a least-squares plane would be
+    pulled by where the features lie)."""
+    obj, mask = np.asarray(obj), np.asarray(mask, bool)
+    g_r = np.angle(obj[1:, :] * np.conj(obj[:-1, :]))[mask[1:, :] & mask[:-1, :]]
+    g_c = np.angle(obj[:, 1:] * np.conj(obj[:, :-1]))[mask[:, 1:] & mask[:, :-1]]
+    return float(np.median(g_r)), float(np.median(g_c))
+
+
+def move_ramp_to_probe(obj: np.ndarray, probe: np.ndarray, ramp,
+                       pivot: tuple[float, float] = (0.0, 0.0)) -> tuple[np.ndarray, np.ndarray]:
+    """(``obj`` without the phase ramp ``ramp`` (rad/px along rows, cols), ``probe`` (..., N, N)
+    with the opposite one): every frame's exit wave changes by a constant phase only. The
+    object's ramp pivots at ``pivot`` (row, col), the probe's at the beam's centre, so the
+    phase stays where it was at both."""
+    q_r, q_c = (float(v) for v in ramp)
+    rr, cc = np.indices(np.shape(obj)[-2:], dtype=np.float64)
+    obj = np.asarray(obj) * np.exp(-1j * (q_r * (rr - pivot[0]) + q_c * (cc - pivot[1])))
+    p = np.asarray(probe)
+    n = p.shape[-1]
+    inten = (np.abs(p.reshape(-1, n, n)) ** 2).sum(0)
+    k = np.arange(n, dtype=np.float64)
+    r0, c0 = (inten.sum(1) @ k) / inten.sum(), (inten.sum(0) @ k) / inten.sum()
+    u, v = np.meshgrid(k - r0, k - c0, indexing="ij")
+    return obj.astype(np.complex64), (p * np.exp(1j * (q_r * u + q_c * v))).astype(np.complex64)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ptychostream.geometry import place_on_grid
+from ptychostream.geometry import median_phase_gradient, move_ramp_to_probe, place_on_grid
 from ptychostream.stitch import MAX_MAP_PX, Canvas, Windows
 
 log = logging.getLogger(__name__)
@@ -484,12 +484,10 @@ class Refiner:
 
     def _move_ramp_to_probe(self) -> None:
         """Once per pass of updates (as many as frames stored) in which the probe learnt: the
-        map's linear phase ramp (median phase gradient over the seen map, the estimate the
-        labels use: ptychostream.hpc.labels.align_phase) leaves the map, and the probe takes the
-        opposite one. Why: the pair (O e^{-iq.r}, P e^{iq.u}) gives every frame the same
-        intensities, so the frames cannot stop a learning probe from drifting into a ramp, and
-        the map then carries it (README, "The live map"). Pivots at the map's seen centre and
-        the beam's centre keep both phases where they were there."""
+        map's linear phase ramp (median phase gradient over the seen map, as the labels measure
+        it) moves into the probe (ptychostream.geometry, "the ramp ambiguity"): the frames
+        cannot stop a learning probe from drifting into a ramp, and the map would carry it.
+        The map's ramp pivots at its seen centre, so its shown phase stays there."""
         last_updates, last_probe = self._ramp_at
         if (not self.move_ramp or self.probe_updates == last_probe
                 or self.n_updates - last_updates < max(self.stored, 1)):
@@ -497,24 +495,18 @@ class Refiner:
         torch = self.torch
         self._ramp_at = (self.n_updates, self.probe_updates)
         obj = self.canvas.layers["obj"]
-        seen = self._seen()
-        both_r, both_c = seen[1:, :] & seen[:-1, :], seen[:, 1:] & seen[:, :-1]
-        if int(both_r.sum()) < 16 or int(both_c.sum()) < 16:
+        seen = self._seen().cpu().numpy()
+        if seen.sum() < 16:
             return
-        q_r = float(torch.angle(obj[1:, :] * obj[:-1, :].conj())[both_r].median())
-        q_c = float(torch.angle(obj[:, 1:] * obj[:, :-1].conj())[both_c].median())
-        rows, cols = torch.nonzero(seen, as_tuple=True)
-        r = torch.arange(obj.shape[0], device=self.device, dtype=torch.float32)[:, None]
-        c = torch.arange(obj.shape[1], device=self.device, dtype=torch.float32)[None, :]
-        tilt = q_r * (r - rows.float().mean()) + q_c * (c - cols.float().mean())
-        obj.mul_(torch.polar(torch.ones_like(tilt), -tilt))
-        n = self.frame_size
-        p_int = self._probe_intensity()[0]
-        k = torch.arange(n, device=self.device, dtype=torch.float32)
-        r0 = (p_int.sum(1) * k).sum() / p_int.sum()
-        c0 = (p_int.sum(0) * k).sum() / p_int.sum()
-        tilt_p = q_r * (k[:, None] - r0) + q_c * (k[None, :] - c0)
-        self._P = self._P * torch.polar(torch.ones_like(tilt_p), tilt_p)[None]
+        obj_np = obj.cpu().numpy()
+        q_r, q_c = median_phase_gradient(obj_np, seen)
+        if not (math.isfinite(q_r) and math.isfinite(q_c)):
+            return
+        rows, cols = np.nonzero(seen)
+        obj_np, probe = move_ramp_to_probe(obj_np, self._P.cpu().numpy(), (q_r, q_c),
+                                           pivot=(rows.mean(), cols.mean()))
+        obj.copy_(torch.from_numpy(obj_np))
+        self._P = torch.from_numpy(probe).to(self.device)  # the checkerboard commutes with it
         self.ramp_moved = (self.ramp_moved[0] + q_r, self.ramp_moved[1] + q_c)
 
     # ------------------------------------------------------------------ maps out

@@ -52,7 +52,7 @@ def test_reconstruction_matches_truth(hpc_scans):
 def test_the_ramp_moves_into_the_probe_and_the_frames_do_not_see_it(hpc_scans):
     """move_ramp_to_probe: every frame's far field is the same with the ramp moved (the
     ambiguity), and a written reconstruction's object has no ramp left for the labels to take."""
-    from ptychostream.hpc.reconstruct import move_ramp_to_probe
+    from ptychostream.geometry import move_ramp_to_probe
 
     rng = np.random.default_rng(3)
     n = 32
