@@ -4,13 +4,15 @@ and device, on a simulated letters scan streamed in arrival order (ptychostream.
 
     python benchmarks/bench_refine.py [--device cpu|cuda] [--batches 1 8 32 128] [--json out.json]
     python benchmarks/bench_refine.py --scan SCAN.h5 --probe RECON.h5 --passes 1 2 4 8 \
-        --probe-steps 0 0.5
+        --probe-steps 0 0.5 --move-ramp on off --seed-model MODEL.onnx
 
 A batch's frames update together (corrections from the same map, summed, applied once), so a
 GPU can take big batches; this shows what that costs in accuracy. ``--passes`` adds accuracy
 after further passes (the IOC's idle-time revisits) with the probe given (``--probe``: a file
 :func:`ptychostream.refine.load_probe` reads, e.g. an earlier scan's reconstruction; default the
-scan's true probe), for each ePIE probe step: how far the probe, not the frames, limits the map.
+scan's true probe), for each ePIE probe step: how far the probe, not the frames, limits the map;
+``--move-ramp on off`` with and without the learning probe taking the map's phase ramp,
+``--seed-model`` with and without the network's phases blended in as the IOC does.
 Figures are over the illuminated area (ptychostream.metrics), beside the flat map's.
 """
 
@@ -29,11 +31,28 @@ from ptychostream import setup_logging
 log = logging.getLogger("bench_refine")
 
 
+def score(r, scan) -> dict:
+    """SSIM, correlation and MAE of refiner ``r``'s map against the scan's truth over the
+    illuminated area (ptychostream.metrics), and the same once the plane fitted to map - truth
+    (the ramp no diffraction pattern can tell) is removed."""
+    from ptychostream.geometry import place_on_grid
+    from ptychostream.metrics import illuminated_mask, map_figures, remove_ramp
+
+    truth = scan.truth_phase
+    est = place_on_grid(r.phase_image(), r.origin, scan.object_pixel_size_m, truth.shape,
+                        scan.truth_origin_m)
+    mask = illuminated_mask(scan.positions_m, truth.shape, scan.truth_origin_m,
+                            scan.object_pixel_size_m, scan.beam_fwhm_m)
+    fig = map_figures(est, truth, mask)
+    flat_est, ramp = remove_ramp(est, truth, mask)
+    deramped = map_figures(flat_est, truth, mask)
+    return {**{k: fig[k] for k in ("ssim", "corr", "mae")}, "ramp_rad_per_px": ramp,
+            **{f"deramped_{k}": deramped[k] for k in ("ssim", "corr", "mae")}}
+
+
 def run(scan, batch: int, device: str, threads: int | None, probe_step: float) -> dict:
     import torch
 
-    from ptychostream.geometry import place_on_grid
-    from ptychostream.metrics import illuminated_mask, map_figures
     from ptychostream.refine import Refiner
 
     if threads:
@@ -50,43 +69,40 @@ def run(scan, batch: int, device: str, threads: int | None, probe_step: float) -
         r.update(frames[s:s + batch], scan.positions_m[s:s + batch])
     sync()
     seconds = time.perf_counter() - t0
-    truth = scan.truth_phase
-    est = place_on_grid(r.phase_image(), r.origin, scan.object_pixel_size_m, truth.shape,
-                        scan.truth_origin_m)
-    mask = illuminated_mask(scan.positions_m, truth.shape, scan.truth_origin_m,
-                            scan.object_pixel_size_m, scan.beam_fwhm_m)
-    fig = map_figures(est, truth, mask)
+    fig = score(r, scan)
     return {"batch": batch, "device": device, "frames": scan.n_frames,
             "frames_per_s": scan.n_frames / seconds, "us_per_frame": seconds / scan.n_frames * 1e6,
             **{k: fig[k] for k in ("ssim", "corr", "mae")}}
 
 
-def run_passes(scan, probe, probe_step: float, passes: list[int], device: str) -> list[dict]:
-    """One live pass, then revisits; the map's figures after each number of passes asked."""
-    from ptychostream.geometry import place_on_grid
-    from ptychostream.metrics import illuminated_mask, map_figures, remove_ramp
+def run_passes(scan, probe, probe_step: float, passes: list[int], device: str,
+               move_ramp: bool = True, seed_phases: np.ndarray | None = None) -> list[dict]:
+    """One live pass (seeded, blended, by ``seed_phases`` when given), then revisits; the map's
+    figures after each number of passes asked."""
     from ptychostream.refine import Refiner
 
-    truth = scan.truth_phase
-    mask = illuminated_mask(scan.positions_m, truth.shape, scan.truth_origin_m,
-                            scan.object_pixel_size_m, scan.beam_fwhm_m)
     r = Refiner(probe, scan.object_pixel_size_m, positions_m=scan.positions_m, device=device,
-                probe_step=probe_step, seed="none", history=scan.n_frames)
+                probe_step=probe_step, seed="none" if seed_phases is None else "blend",
+                history=scan.n_frames, move_ramp=move_ramp)
     for s in range(0, scan.n_frames, 64):  # handed over as a stream's batches
-        r.update(scan.frames[s:s + 64], scan.positions_m[s:s + 64])
+        r.update(scan.frames[s:s + 64], scan.positions_m[s:s + 64],
+                 None if seed_phases is None else seed_phases[s:s + 64])
     rows = []
     for target in sorted(passes):
         while r.passes < target - 1e-9:
             r.revisit()
-        est = place_on_grid(r.phase_image(), r.origin, scan.object_pixel_size_m, truth.shape,
-                            scan.truth_origin_m)
-        fig = map_figures(est, truth, mask)
-        flat_est, ramp = remove_ramp(est, truth, mask)
-        deramped = map_figures(flat_est, truth, mask)
-        rows.append({"probe_step": probe_step, "passes": target, "batch": r.batch,
-                     **{k: fig[k] for k in ("ssim", "corr", "mae")}, "ramp_rad_per_px": ramp,
-                     **{f"deramped_{k}": deramped[k] for k in ("ssim", "corr", "mae")}})
+        rows.append({"probe_step": probe_step, "move_ramp": move_ramp,
+                     "seed": "none" if seed_phases is None else "blend", "passes": target,
+                     "batch": r.batch, **score(r, scan)})
     return rows
+
+
+def probe_overlap(probe, true_probe) -> float:
+    """|<p, p_true>| / (|p| |p_true|) of the first modes: 1 for the true probe up to scale."""
+    n = np.shape(true_probe)[-1]
+    p = np.asarray(probe).reshape(-1, n, n)[0].ravel()
+    q = np.asarray(true_probe).reshape(-1, n, n)[0].ravel()
+    return float(abs(np.vdot(q, p)) / (np.linalg.norm(p) * np.linalg.norm(q)))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -105,6 +121,10 @@ def main(argv: list[str] | None = None) -> dict:
                     help="also report accuracy after these numbers of passes")
     ap.add_argument("--probe-steps", nargs="*", type=float, default=[0.0, 0.5],
                     help="probe steps of the passes rows")
+    ap.add_argument("--move-ramp", nargs="*", choices=("on", "off"), default=["on"],
+                    help="passes rows with the learning probe taking the map's ramp, without")
+    ap.add_argument("--seed-model", help="also seed the live pass with this model's phases "
+                                         "(blend, as the IOC does): rows with and without")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     setup_logging()
@@ -131,8 +151,18 @@ def main(argv: list[str] | None = None) -> dict:
         from ptychostream.refine import load_probe
 
         probe, probe_name = load_probe(args.probe)
-    pass_rows = [row for step in (args.probe_steps if args.passes else [])
-                 for row in run_passes(scan, probe, step, args.passes, device)]
+    seeds = [None]
+    if args.seed_model:
+        from ptychostream.engines import load_engine
+
+        engine = load_engine("onnxruntime" if args.seed_model.endswith(".onnx") else "torch",
+                             args.seed_model)
+        seeds.append(np.concatenate([engine.infer(scan.frames[s:s + 8].astype(np.float32))
+                                     for s in range(0, scan.n_frames, 8)]))
+    pass_rows = [row for seed in seeds for move in args.move_ramp
+                 for step in (args.probe_steps if args.passes else [])
+                 for row in run_passes(scan, probe, step, args.passes, device,
+                                       move_ramp=move == "on", seed_phases=seed)]
     mask = illuminated_mask(scan.positions_m, scan.truth_phase.shape, scan.truth_origin_m,
                             scan.object_pixel_size_m, scan.beam_fwhm_m)
     flat = flat_baseline(scan.truth_phase, mask)
@@ -149,17 +179,22 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'flat':>6} {'':>10} {'':>9} {flat['ssim']:>6.3f} {flat['corr']:>6.3f} "
           f"{flat['mae']:>8.3f}")
     if pass_rows:
-        print(f"\nfurther passes (batch {pass_rows[0]['batch']}), probe: {probe_name}")
+        overlap = probe_overlap(probe, scan.probe)
+        print(f"\nfurther passes (batch {pass_rows[0]['batch']}), probe: {probe_name} "
+              f"(normalised overlap with the scan's true probe {overlap:.5f})")
         print("(ramp: slope of the plane fitted to map - truth, the error no diffraction pattern "
               "can tell; deramped: the figures once that plane is removed)")
-        print(f"{'probe step':>10} {'passes':>6} {'SSIM':>6} {'corr':>6} {'MAE rad':>8} "
-              f"{'ramp rad/px':>11} {'deramped SSIM / corr / MAE':>27}")
+        print(f"{'seed':>5} {'ramp to probe':>13} {'probe step':>10} {'passes':>6} {'SSIM':>6} "
+              f"{'corr':>6} {'MAE rad':>8} {'ramp rad/px':>11} {'deramped SSIM / corr / MAE':>27}")
         for r in pass_rows:
-            print(f"{r['probe_step']:>10.2f} {r['passes']:>6} {r['ssim']:>6.3f} {r['corr']:>6.4f} "
-                  f"{r['mae']:>8.4f} {r['ramp_rad_per_px']:>11.1e} {r['deramped_ssim']:>13.3f} / "
-                  f"{r['deramped_corr']:.4f} / {r['deramped_mae']:.4f}")
+            print(f"{r['seed']:>5} {'on' if r['move_ramp'] else 'off':>13} "
+                  f"{r['probe_step']:>10.2f} {r['passes']:>6} {r['ssim']:>6.3f} "
+                  f"{r['corr']:>6.4f} {r['mae']:>8.4f} {r['ramp_rad_per_px']:>11.1e} "
+                  f"{r['deramped_ssim']:>13.3f} / {r['deramped_corr']:.4f} / "
+                  f"{r['deramped_mae']:.4f}")
     out = {"device": name, "scan": args.scan, "positions": scan.n_frames, "step_nm": step_nm,
-           "rows": rows, "flat": flat, "probe": probe_name, "passes": pass_rows}
+           "rows": rows, "flat": flat, "probe": probe_name, "passes": pass_rows,
+           "probe_overlap": probe_overlap(probe, scan.probe)}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2))

@@ -432,12 +432,12 @@ def run_demo(out_dir: str | Path = "demo-output", quick: bool = False, prefix: s
                                               exposure=cfg.exposure_s, ioc=ioc, scan_name=name)
 
             RE(scan_and_check())
-            _wait_refined(ioc)
+            passes = _wait_refined(ioc)
             live = get_stitched(prefix)
             live_origin, _ = stitched_geometry(live)
             s = docs.scan_summary(docs.runs[-1])
             # frame updates per frame the live map had when it was read (Stitch:Passes_RBV)
-            s.update(features="letters", live_passes=round(float(ioc.stitch.passes.get()), 2))
+            s.update(features="letters", live_passes=round(passes, 2))
             log.info("== %s: live map read after %.2f passes", name, s["live_passes"])
             log.info("== %s: iterative reconstruction for comparison", name)
             box: dict = {}

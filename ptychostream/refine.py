@@ -67,17 +67,21 @@ DEFAULT_PROBE_ALPHA = 0.3
 DEFAULT_BATCH = 2
 DEFAULT_GPU_BATCH = 16
 #: while the probe learns, once per pass of updates the map's linear phase ramp moves into the
-#: probe (:meth:`Refiner._move_ramp_to_probe`); measured on the demo's scans, 8 passes, probe
-#: step 0.5, SSIM / MAE: test scan with the probe of the scan before 0.743 / 0.027 -> 0.858 /
-#: 0.022, with the exact probe 0.739 / 0.031 -> 0.856 / 0.023; a training scan 0.520 / 0.085 ->
-#: 0.786 / 0.027; the 18-frame sparse scan 0.421 / 0.118 -> 0.424 / 0.122
+#: probe (:meth:`Refiner._move_ramp_to_probe`); measured with benchmarks/bench_refine.py
+#: --batches --passes 8 --probe-steps 0.5 --move-ramp on off on the demo's scans, SSIM / corr /
+#: MAE (rad), off -> on: test scan (flat map 0.588 / 0 / 0.424), probe of the scan before
+#: 0.743 / 0.9989 / 0.0274 -> 0.856 / 0.9991 / 0.0219, the exact probe 0.739 / 0.9985 / 0.0306
+#: -> 0.849 / 0.9991 / 0.0228, probe fixed: unchanged; a training scan (flat 0.480 / 0 / 0.592)
+#: 0.520 / 0.9940 / 0.0846 -> 0.880 / 0.9994 / 0.0219
 DEFAULT_MOVE_RAMP = True
 #: further passes the map stage makes while idle (frame updates per frame, live pass included);
 #: measured with the probe of the scan before, probe learnt (benchmarks/bench_refine.py
-#: --passes), SSIM / MAE: the demo's test scan (overlap 0.85) 8 -> 0.856 / 0.022, 12 -> 0.879 /
-#: 0.021, 16 -> 0.878 / 0.021, 24 -> 0.874 / 0.021; its 18-frame sparse scan (overlap 0.61)
-#: 8 -> 0.421 / 0.118, 16 -> 0.602 / 0.055, 24 -> 0.700 / 0.037. Idle time only: inference
-#: never waits for them (plugins/stitching.py)
+#: --batches --passes 8 12 16 24 --probe-steps 0.5), SSIM / corr / MAE (rad): the demo's test
+#: scan (overlap 0.85; flat map 0.588 / 0 / 0.424) 8 -> 0.856 / 0.9991 / 0.0219, 12 -> 0.879 /
+#: 0.9992 / 0.0208, 16 -> 0.878 / 0.9991 / 0.0209, 24 -> 0.874 / 0.9991 / 0.0211; its 18-frame
+#: sparse scan (overlap 0.61; flat 0.555 / 0 / 0.460) 8 -> 0.421 / 0.9845 / 0.1175, 16 -> 0.602
+#: / 0.9959 / 0.0549, 24 -> 0.700 / 0.9979 / 0.0374. Idle time only: inference never waits for
+#: them (plugins/stitching.py)
 DEFAULT_MAX_PASSES = 16.0
 #: probe power allowed (sum |P|^2): anything outside is no probe of a detector with counts
 PROBE_POWER_RANGE = (1e-12, 1e15)

@@ -173,5 +173,21 @@ def test_refinement_benchmark_scores_further_passes_with_a_given_probe(tmp_path)
     assert all(math.isfinite(r[k]) for r in (one, three) for k in ("ssim", "corr", "mae"))
     assert three["corr"] > one["corr"] and three["mae"] < one["mae"]
     assert all(r["ramp_rad_per_px"] >= 0 and math.isfinite(r["deramped_mae"]) for r in (one, three))
-    assert "probe.npy" in out["probe"]
+    assert "probe.npy" in out["probe"] and out["probe_overlap"] == pytest.approx(1.0, abs=1e-6)
     assert json.loads((tmp_path / "refine.json").read_text())["passes"] == out["passes"]
+
+
+def test_refinement_benchmark_compares_the_ramp_move_and_the_network_seed(tmp_path,
+                                                                         untrained_model):
+    """--move-ramp on off and --seed-model give a row for each combination, each scored."""
+    from ptychostream.scanfile import write_scan
+    from ptychostream.simulation import simulate_scan
+
+    scan = simulate_scan(n_positions=20, step_m=60e-9, seed=8, sample_kind="test")
+    scan_file = write_scan(tmp_path / "scan.h5", scan, compression=None)
+    out = _load("bench_refine").main([
+        "--scan", str(scan_file), "--batches", "--passes", "2", "--probe-steps", "0.5",
+        "--move-ramp", "on", "off", "--seed-model", str(untrained_model)])
+    combos = {(r["seed"], r["move_ramp"]) for r in out["passes"]}
+    assert combos == {("none", True), ("none", False), ("blend", True), ("blend", False)}
+    assert all(math.isfinite(r["corr"]) and math.isfinite(r["mae"]) for r in out["passes"])
