@@ -76,13 +76,15 @@ def run(scan, batch: int, device: str, threads: int | None, probe_step: float) -
 
 
 def run_passes(scan, probe, probe_step: float, passes: list[int], device: str,
-               move_ramp: bool = True, seed_phases: np.ndarray | None = None) -> list[dict]:
-    """One live pass (seeded, blended, by ``seed_phases`` when given), then revisits; the map's
-    figures after each number of passes asked."""
+               move_ramp: bool = True, seed_phases: np.ndarray | None = None,
+               seed_mode: str = "blend") -> list[dict]:
+    """One live pass (seeded by ``seed_phases`` when given, as ``seed_mode`` says), then
+    revisits; the map's figures after each number of passes asked."""
     from ptychostream.refine import Refiner
 
+    seed_mode = "none" if seed_phases is None else seed_mode
     r = Refiner(probe, scan.object_pixel_size_m, positions_m=scan.positions_m, device=device,
-                probe_step=probe_step, seed="none" if seed_phases is None else "blend",
+                probe_step=probe_step, seed=seed_mode,
                 history=scan.n_frames, move_ramp=move_ramp)
     for s in range(0, scan.n_frames, 64):  # handed over as a stream's batches
         r.update(scan.frames[s:s + 64], scan.positions_m[s:s + 64],
@@ -92,7 +94,7 @@ def run_passes(scan, probe, probe_step: float, passes: list[int], device: str,
         while r.passes < target - 1e-9:
             r.revisit()
         rows.append({"probe_step": probe_step, "move_ramp": move_ramp,
-                     "seed": "none" if seed_phases is None else "blend", "passes": target,
+                     "seed": seed_mode, "passes": target,
                      "batch": r.batch, **score(r, scan)})
     return rows
 
@@ -125,6 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="passes rows with the learning probe taking the map's ramp, without")
     ap.add_argument("--seed-model", help="also seed the live pass with this model's phases "
                                          "(blend, as the IOC does): rows with and without")
+    ap.add_argument("--seed-modes", nargs="*", choices=("blend", "new"), default=["blend"],
+                    help="how --seed-model's phases seed the map (refine.SEED_MODES)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     setup_logging()
@@ -151,18 +155,20 @@ def main(argv: list[str] | None = None) -> dict:
         from ptychostream.refine import load_probe
 
         probe, probe_name = load_probe(args.probe)
-    seeds = [None]
+    seeds: list[tuple[np.ndarray | None, str]] = [(None, "none")]
     if args.seed_model:
         from ptychostream.engines import load_engine
 
         engine = load_engine("onnxruntime" if args.seed_model.endswith(".onnx") else "torch",
                              args.seed_model)
-        seeds.append(np.concatenate([engine.infer(scan.frames[s:s + 8].astype(np.float32))
-                                     for s in range(0, scan.n_frames, 8)]))
-    pass_rows = [row for seed in seeds for move in args.move_ramp
+        phases = np.concatenate([engine.infer(scan.frames[s:s + 8].astype(np.float32))
+                                 for s in range(0, scan.n_frames, 8)])
+        seeds += [(phases, mode) for mode in args.seed_modes]
+    pass_rows = [row for seed, mode in seeds for move in args.move_ramp
                  for step in (args.probe_steps if args.passes else [])
                  for row in run_passes(scan, probe, step, args.passes, device,
-                                       move_ramp=move == "on", seed_phases=seed)]
+                                       move_ramp=move == "on", seed_phases=seed,
+                                       seed_mode=mode)]
     mask = illuminated_mask(scan.positions_m, scan.truth_phase.shape, scan.truth_origin_m,
                             scan.object_pixel_size_m, scan.beam_fwhm_m)
     flat = flat_baseline(scan.truth_phase, mask)

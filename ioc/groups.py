@@ -241,7 +241,8 @@ class InferencePVs(PluginPVs):
         self.inference.swap(new)
         self.model_version.set(new.version)
         self.model_name.set(name)
-        self.engine.set(new.engine.describe())
+        workers = self.driver.workers
+        self.engine.set(new.engine.describe() + (f", {workers} workers" if workers > 1 else ""))
         self.model_status.set(status, alarm)
         self.driver.clear_condition("model")
         self.post_history()

@@ -62,6 +62,30 @@ def _trim_heap() -> None:
         pass
 
 
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+#: inference workers on the CPU (onnxruntime), when not set: one per core up to this many,
+#: each engine call on cores of its own, which keeps the cores busier than one call spread
+#: over all of them (2 cores, bench_pipeline.py: see README "Speed")
+MAX_AUTO_WORKERS = 4
+
+
+def engine_workers_for(engine: str, device: str | None, workers: int = 0) -> int:
+    """Inference workers (threads taking batches in turn, outputs kept in order): ``workers``
+    if set; else, for onnxruntime on the CPU, one per usable core up to MAX_AUTO_WORKERS; else
+    one (a GPU engine's captured graphs and pinned buffer serve one caller)."""
+    if workers:
+        return int(workers)
+    if engine == "onnxruntime" and (device or "cpu") == "cpu":
+        return max(1, min(MAX_AUTO_WORKERS, usable_cores()))
+    return 1
+
+
 def max_queue_for(queue_memory_mb: float) -> int:
     """The longest input queue (frames) that ``queue_memory_mb`` MiB can hold."""
     return max(1, int(queue_memory_mb * 2**20 // FRAME_BYTES))
@@ -84,7 +108,8 @@ class EdgeIOC:
                  map_dir: str | Path | None = None, access=None, device: str | None = None,
                  engine_kwargs: dict | None = None, refine_threads: int | None = 1,
                  stats_period_s: float = 0.25, model_store_required: bool = False,
-                 queue_memory_mb: float = 2048.0, memory_headroom_mb: float = 2048.0) -> None:
+                 queue_memory_mb: float = 2048.0, memory_headroom_mb: float = 2048.0,
+                 engine_workers: int = 0) -> None:
         from ptychostream import codecs  # noqa: F401  (registers the NTNDArray decoders)
         from ptychostream.ioc.groups import LATER_STAGE_NICE, InferencePVs, QAPVs, StitchPVs
         from ptychostream.ioc.model_store import ModelStore
@@ -104,8 +129,11 @@ class EdgeIOC:
             "NN:Engine_RBV": engine, "NN:QueueSize": queue_size, "NN:QueueFree_RBV": queue_size,
         }, access=access)
         engine_kwargs = dict(engine_kwargs or {})
+        self.engine_workers = engine_workers_for(engine, device, engine_workers)
         if engine == "onnxruntime":  # the engine shares the cores with the server's threads
             engine_kwargs.setdefault("spinning", False)
+            if self.engine_workers > 1:  # workers split the cores: each runs on its own
+                engine_kwargs.setdefault("threads", max(1, usable_cores() // self.engine_workers))
         self.device = device or "cpu"
         self.inference = InferencePlugin(engine, intensity_scale, engine_kwargs)
         self.stitching = StitchingPlugin(stitch_pixel_m, refine=refine, device=self.device,
@@ -119,7 +147,8 @@ class EdgeIOC:
         self.nn = PluginDriver(self.inference, queue_size=queue_size, batch_size=batch_size,
                                flush_s=flush_s, decode=batch_from_values,
                                stats_period_s=stats_period_s,
-                               max_queue=max_queue_for(queue_memory_mb))
+                               max_queue=max_queue_for(queue_memory_mb),
+                               workers=self.engine_workers)
         self.access = access
         self.nn_pvs = InferencePVs(self.table, self.nn, self.inference, self.store,
                                    store_required=model_store_required)
@@ -376,13 +405,13 @@ class EdgeIOC:
 OPTIONS = ("prefix", "input", "engine", "batch_size", "model_file", "model_store", "ca",
            "queue_size", "intensity_scale", "stitch_input", "stitch_pixel", "probe", "refine",
            "map_dir", "log_level", "loopback", "model_store_required", "queue_memory_mb",
-           "memory_headroom_mb")
+           "memory_headroom_mb", "engine_workers")
 DEFAULTS = {"prefix": DEFAULT_PREFIX, "input": None, "engine": "onnxruntime", "batch_size": 8,
             "model_file": None, "model_store": None, "ca": False, "queue_size": 256,
             "intensity_scale": 1.0, "stitch_input": [], "stitch_pixel": 0.0, "probe": None,
             "refine": True, "map_dir": None, "log_level": "INFO", "loopback": False,
             "model_store_required": False, "queue_memory_mb": 2048.0,
-            "memory_headroom_mb": 2048.0, "access": None}
+            "memory_headroom_mb": 2048.0, "engine_workers": 0, "access": None}
 ENGINES = ("onnxruntime", "torch", "tensorrt")
 
 
@@ -408,6 +437,7 @@ def _check(merged: dict) -> dict:
         out[key] = v
 
     number("batch_size", int, 1, 1024)
+    number("engine_workers", int, 0, 64)
     number("queue_memory_mb", float, 1.0, 1024.0 * 1024)
     number("memory_headroom_mb", float, 0.0, 1024.0 * 1024)
     number("queue_size", int, 1, max_queue_for(out["queue_memory_mb"]))
@@ -481,6 +511,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input", help="detector NTNDArray PV to monitor, e.g. 13SIM1:Pva1:Image")
     p.add_argument("--engine", help="onnxruntime (default), torch or tensorrt")
     p.add_argument("--batch-size", type=int, help="frames per engine call (default 8)")
+    p.add_argument("--engine-workers", type=int,
+                   help="inference workers taking batches in turn, outputs kept in order "
+                   f"(default 0: onnxruntime on the CPU one per core, up to {MAX_AUTO_WORKERS}; "
+                   "other engines 1)")
     p.add_argument("--model", "--model-file", dest="model_file",
                    help="model to serve when the store has none: ONNX or a state dict, or "
                    "'builtin' for the shipped base model")
@@ -545,12 +579,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return argparse.Namespace(**merged)
 
 
+def tune_process() -> None:
+    """Process settings of a serving IOC (``main`` and the benchmarks' IOC alike): threads hand
+    the GIL over after 1 ms rather than 5, since inference returning from onnxruntime waits
+    that long for the publisher or the map stage (in-process, 2 cores: 0.70 -> 0.82 of the
+    bare engine)."""
+    sys.setswitchinterval(0.001)
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    # threads hand the GIL over after 1 ms rather than 5: inference returning from onnxruntime
-    # waits that long for a publisher or the map stage (in-process, 2 cores: 0.70 -> 0.82 of
-    # the bare engine)
-    sys.setswitchinterval(0.001)
+    tune_process()
     if a.loopback:  # the user's explicit choice; without it the host's EPICS_* environment
         from ptychostream.epics_env import configure
 
@@ -582,7 +621,7 @@ def _make_ioc(a: argparse.Namespace) -> EdgeIOC:
                   refine=a.refine, map_dir=a.map_dir, access=a.access,
                   model_store_required=a.model_store_required,
                   queue_memory_mb=a.queue_memory_mb,
-                  memory_headroom_mb=a.memory_headroom_mb)
+                  memory_headroom_mb=a.memory_headroom_mb, engine_workers=a.engine_workers)
 
 
 if __name__ == "__main__":

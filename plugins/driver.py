@@ -106,14 +106,19 @@ class PluginDriver:
     ``decode(items) -> FrameBatch`` turns raw frames that ``push`` received (e.g. p4p Values)
     into a batch in the worker, so the producer's callback stays cheap. ``sinks`` receive every
     output batch (the next stage's ``push_batch``, a publisher). ``on_stats(stats)`` is called
-    from the worker at most every ``stats_period_s``."""
+    from the worker at most every ``stats_period_s``.
+
+    ``workers`` > 1 runs that many worker threads on one queue, for a plugin whose ``process``
+    may run concurrently (onnxruntime sessions release the GIL and allow it): each takes the
+    next batch, and outputs reach the sinks in the order the batches were taken. Idle work and
+    ticks stay on the first worker."""
 
     def __init__(self, plugin: Plugin, sinks: list[Callable[[FrameBatch], Any]] | None = None,
                  queue_size: int = 256, batch_size: int = 1, flush_s: float = 0.02,
                  decode: Callable[[list], FrameBatch] | None = None,
                  error_hold_s: float = 5.0, stats_period_s: float = 0.25,
                  on_stats: Callable[[dict], None] | None = None, log_period_s: float = 10.0,
-                 max_queue: int = 100_000, nice: int = 0) -> None:
+                 max_queue: int = 100_000, nice: int = 0, workers: int = 1) -> None:
         self.plugin = plugin
         self.name = getattr(plugin, "name", "plugin")
         self.sinks = list(sinks or [])
@@ -125,6 +130,7 @@ class PluginDriver:
         self.on_stats = on_stats
         self.max_queue = int(max_queue)
         self.nice = int(nice)  # > 0: this worker yields the CPU to the stages before it
+        self.workers = max(1, int(workers))
         self.enabled = True
         self._log = RateLimitedLog(log, log_period_s)
         self._cv = threading.Condition()
@@ -132,8 +138,12 @@ class PluginDriver:
         self._queued = 0  # frames waiting
         self._queue_size = max(1, int(queue_size))
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._busy = False
+        self._threads: list[threading.Thread] = []
+        self._in_progress = 0  # batches taken and not yet handed over
+        self._taken = 0  # batches taken from the queue; their order is the hand-over order
+        self._handed = 0  # batches handed to the sinks (or found empty)
+        self._order = threading.Condition()
+        self._gather = threading.Lock()  # one worker gathers a batch at a time: no interleaving
         self._lock = threading.Lock()
         self._conditions: dict[str, tuple[int, str, str]] = {}
         self._event: tuple[int, str, float, str] | None = None
@@ -319,22 +329,25 @@ class PluginDriver:
     # ------------------------------------------------------------------ worker
     def start(self) -> PluginDriver:
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name=f"plugin-{self.name}",
-                                        daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, args=(k,), name=f"plugin-{self.name}",
+                                          daemon=True) for k in range(self.workers)]
+        for t in self._threads:
+            t.start()
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         with self._cv:
             self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        with self._order:
+            self._order.notify_all()
+        for t in self._threads:
+            t.join(timeout)
+        self._threads = []
 
     def idle(self) -> bool:
         """Nothing queued and no batch in progress."""
-        return self._queued == 0 and not self._busy
+        return self._queued == 0 and not self._in_progress
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
         deadline = time.monotonic() + timeout
@@ -345,19 +358,21 @@ class PluginDriver:
         return self.idle()
 
     def _next(self, wait_s: float):
-        """The next batch to process: a FrameBatch from the stage before, or up to batch_size
-        raw frames gathered until ``flush_s`` after the first. None after ``wait_s`` idle."""
-        with self._cv:
+        """(work, seq): the next batch to process, a FrameBatch from the stage before or up to
+        batch_size raw frames gathered until ``flush_s`` after the first, and its place in the
+        hand-over order. None after ``wait_s`` idle."""
+        with self._gather, self._cv:
             if not self._items and not self._cv.wait_for(
                     lambda: self._items or self._stop.is_set(), wait_s):
                 return None
             if not self._items:
                 return None
-            self._busy = True
+            self._in_progress += 1
+            seq, self._taken = self._taken, self._taken + 1
             if isinstance(self._items[0], FrameBatch):
                 b = self._items.popleft()
                 self._queued -= len(b)
-                return b
+                return b, seq
             raw = [self._items.popleft()]
             deadline = time.monotonic() + self.flush_s
             while len(raw) < self.batch_size:
@@ -371,17 +386,17 @@ class PluginDriver:
                     if not self._items:
                         break
             self._queued -= len(raw)
-            return raw
+            return raw, seq
 
-    def _run(self) -> None:
+    def _run(self, worker: int = 0) -> None:
         name_os_thread()
         if self.nice:
             lower_priority(self.nice)
-        has_idle = hasattr(self.plugin, "idle")
+        has_idle = hasattr(self.plugin, "idle") and worker == 0
         wait = 0.1
         while not self._stop.is_set():
-            work = self._next(wait)
-            if work is None:  # nothing queued: the plugin's idle work (e.g. further passes)
+            taken = self._next(wait)
+            if taken is None:  # nothing queued: the plugin's idle work (e.g. further passes)
                 wait = 0.1
                 try:
                     if has_idle and not self._stop.is_set() and self.plugin.idle():
@@ -389,19 +404,23 @@ class PluginDriver:
                 except Exception as exc:
                     self._log.warning("idle", f"{self.name}: idle work failed: {exc!r}")
                     self.set_error(f"{exc.__class__.__name__}: {exc}")
-                self._tick()
+                if worker == 0:
+                    self._tick()
                 continue
+            work, seq = taken
             wait = 0.0 if has_idle else 0.1  # after a batch: its idle work at once, if any
             try:
-                self._handle(work)
+                self._handle(work, seq)
             except Exception as exc:  # never let the worker die: report and go on
                 n = len(work)
                 if self._log.first(f"fail {exc.__class__.__name__}"):
                     log.exception("%s: batch of %d failed", self.name, n)
                 self._drop(n, f"{exc.__class__.__name__}: {exc}", malformed=False)
             finally:
-                self._busy = False
-            self._tick()
+                with self._cv:
+                    self._in_progress -= 1
+            if worker == 0:
+                self._tick()
 
     def _tick(self) -> None:
         if self.on_tick is not None:
@@ -421,32 +440,49 @@ class PluginDriver:
         except Exception as exc:
             self._log.warning("stats", f"{self.name}: publishing counters failed: {exc!r}")
 
-    def _handle(self, work) -> None:
-        batch = work if isinstance(work, FrameBatch) else self.decode(work)
-        self._count_problems(batch)
-        if not len(batch):
-            return
-        t0 = time.perf_counter()
+    def _handle(self, work, seq: int = 0) -> None:
+        """Decode and process one batch, then hand its output to the sinks in its turn."""
+        out, dt = None, 0.0
         try:
-            out = self.plugin.process(batch)
-        except NotReady as exc:
-            self._drop(len(batch), str(exc), malformed=False)
-            return
-        dt = time.perf_counter() - t0
-        self._count_problems(out)
-        skipped = sum(n for _, n in out.skipped)  # passed on, not lost: the next stage has them
-        with self._lock:
-            self.passed += skipped
-        out.skipped = []
-        done = len(out) - skipped
-        with self._lock:
-            self.array_counter += done
-            if done:
-                self.execution_time_ms = dt * 1e3 / done
-                self.unique_id = int(out.unique_ids[-1])
-        if len(out):
-            for sink in self.sinks:
-                sink(out)
+            batch = work if isinstance(work, FrameBatch) else self.decode(work)
+            self._count_problems(batch)
+            if not len(batch):
+                return
+            t0 = time.perf_counter()
+            try:
+                out = self.plugin.process(batch)
+            except NotReady as exc:
+                self._drop(len(batch), str(exc), malformed=False)
+                return
+            dt = time.perf_counter() - t0
+            self._count_problems(out)
+        finally:
+            self._hand_over(seq, out, dt)
+
+    def _hand_over(self, seq: int, out: FrameBatch | None, dt: float) -> None:
+        """Wait for the batches taken before this one, then count it and pass it on: with
+        several workers the next stage still sees the frames in the order they came."""
+        with self._order:
+            while self._handed != seq and not self._stop.is_set():
+                self._order.wait(0.1)
+            try:
+                if out is None:
+                    return
+                skipped = sum(n for _, n in out.skipped)  # passed on, not lost: the next stage
+                out.skipped = []  # has them
+                done = len(out) - skipped
+                with self._lock:
+                    self.passed += skipped
+                    self.array_counter += done
+                    if done:
+                        self.execution_time_ms = dt * 1e3 / done
+                        self.unique_id = int(out.unique_ids[-1])
+                if len(out):
+                    for sink in self.sinks:
+                        sink(out)
+            finally:
+                self._handed = max(self._handed, seq + 1)
+                self._order.notify_all()
 
     def _count_problems(self, batch: FrameBatch) -> None:
         for reason, n, malformed in batch.problems:

@@ -117,6 +117,12 @@ class OnnxRuntimeEngine(InferenceEngine):
     def _run(self, x: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: x})[0]
 
+    def describe(self) -> str:
+        provider = self.session.get_providers()[0].removesuffix("ExecutionProvider")
+        threads = self.session.get_session_options().intra_op_num_threads
+        each = f"{threads} thread{'s' if threads > 1 else ''}" if threads else "all cores"
+        return f"onnxruntime ({provider}, {each} a call)"
+
 
 #: largest phase difference (rad) a reduced-precision engine may show against fp32 on load
 PRECISION_TOLERANCE = 0.01

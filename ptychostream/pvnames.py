@@ -110,7 +110,7 @@ PVS: dict[str, PVSpec] = {
                doc="frame updates per frame of the map: 1 after the live pass, more as idle "
                    "time re-visits frames, below 1 while the stage waits for inference to "
                    "catch up (frames seeded, refined later)"),
-        PVSpec("Stitch:MaxPasses", "float", True, 16.0,
+        PVSpec("Stitch:MaxPasses", "float", True, 32.0,  # refine.DEFAULT_MAX_PASSES
                "stop re-visiting frames once the map has this many frame updates per frame "
                "(idle time only; 1: the live pass alone)", precision=1),
         PVSpec("Stitch:Weighting", "enum", True, 0,

@@ -75,14 +75,15 @@ DEFAULT_GPU_BATCH = 16
 #: 0.520 / 0.9940 / 0.0846 -> 0.880 / 0.9994 / 0.0219
 DEFAULT_MOVE_RAMP = True
 #: further passes the map stage makes while idle (frame updates per frame, live pass included);
-#: measured with the probe of the scan before, probe learnt (benchmarks/bench_refine.py
-#: --batches --passes 8 12 16 24 --probe-steps 0.5), SSIM / corr / MAE (rad): the demo's test
-#: scan (overlap 0.85; flat map 0.588 / 0 / 0.424) 8 -> 0.856 / 0.9991 / 0.0219, 12 -> 0.879 /
-#: 0.9992 / 0.0208, 16 -> 0.878 / 0.9991 / 0.0209, 24 -> 0.874 / 0.9991 / 0.0211; its 18-frame
-#: sparse scan (overlap 0.61; flat 0.555 / 0 / 0.460) 8 -> 0.421 / 0.9845 / 0.1175, 16 -> 0.602
-#: / 0.9959 / 0.0549, 24 -> 0.700 / 0.9979 / 0.0374. Idle time only: inference never waits for
-#: them (plugins/stitching.py)
-DEFAULT_MAX_PASSES = 16.0
+#: measured on the demo's scans with the probe of the scan before, probe learnt, the live pass
+#: seeded by the demo's network as the IOC seeds it (benchmarks/bench_refine.py --batches
+#: --passes 16 24 32 48 --probe-steps 0.5 --seed-model MODEL.onnx), SSIM / corr / MAE (rad):
+#: test scan (overlap 0.85; flat map 0.588 / 0 / 0.424) 16 -> 0.854 / 0.9991 / 0.0224, 24 ->
+#: 0.863 / 0.9991 / 0.0220, 32 -> 0.859 / 0.9990 / 0.0222; its 18-frame sparse scan (overlap
+#: 0.61; flat 0.555 / 0 / 0.460) 16 -> 0.742 / 0.9973 / 0.0398, 24 -> 0.794 / 0.9983 / 0.0309,
+#: 32 -> 0.799 / 0.9985 / 0.0285, 48 -> 0.794 / 0.9986 / 0.0276. Idle time only: inference
+#: never waits for them (plugins/stitching.py)
+DEFAULT_MAX_PASSES = 32.0
 #: probe power allowed (sum |P|^2): anything outside is no probe of a detector with counts
 PROBE_POWER_RANGE = (1e-12, 1e15)
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from ptychostream.geometry import place_on_grid
+from ptychostream.refine import DEFAULT_MAX_PASSES
 
 
 def wait_for(pred, timeout: float = 30.0, what: str = "condition"):
@@ -62,7 +63,7 @@ def test_probe_and_no_model_shows_the_sample(epics_env, letters, tmp_path):
         assert "scan file" in client.get(p, "Stitch:ProbeStatus_RBV")
         assert client.get(p, "NN:ModelVersion_RBV") == 0
         client.put(p, "Stitch:UpdatePeriod", 0.2)
-        assert client.get(p, "Stitch:MaxPasses") == ioc.stitching.max_passes == 16.0
+        assert client.get(p, "Stitch:MaxPasses") == ioc.stitching.max_passes == DEFAULT_MAX_PASSES
         client.put(p, "Stitch:MaxPasses", 2)  # idle re-visits stop at 2 frame updates a frame
         with pytest.raises(RemoteError, match="MaxPasses"):
             client.put(p, "Stitch:MaxPasses", 0)

@@ -139,15 +139,17 @@ def test_starts_without_model_then_frames_in_phase_out(ioc_factory, sim_scan):
     from ptychostream.ioc import client
 
     p = ioc_factory.prefix
-    ioc = ioc_factory(batch_size=4, model_store=ioc_factory.store)
+    # three inference workers (batches at once, on a CPU's cores): phases still leave in order
+    ioc = ioc_factory(batch_size=4, model_store=ioc_factory.store, engine_workers=3)
     status = client.get(p, "NN:ModelStatus_RBV")
     assert status == "No model loaded" and status.severity == 1
     assert client.get(p, "NN:ModelVersion_RBV") == 0
     assert client.deploy_model(p, onnx_model(), "first") == 1
     assert client.get(p, "NN:ModelName_RBV") == "first"
 
-    phases = stream_through(ioc_factory, ioc, sim_scan, period=0.005)
-    assert sorted(phases.frames) == list(range(1, sim_scan.n_frames + 1))
+    assert client.get(p, "NN:Engine_RBV").endswith(", 3 workers")
+    phases = stream_through(ioc_factory, ioc, sim_scan, period=0.001)
+    assert phases.order == list(range(1, sim_scan.n_frames + 1))
     uid, ts, attrs, img = phases.frames[5]
     assert ts == pytest.approx(1.7e9 + 4)
     assert attrs["PosX"] == pytest.approx(sim_scan.positions_m[4, 0])

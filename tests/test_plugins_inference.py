@@ -136,6 +136,57 @@ def test_driver_batches_and_flushes_partial_batch():
     assert s["ArrayCounter_RBV"] == 10 and s["DroppedArrays_RBV"] == 0 and s["UniqueId_RBV"] == 10
 
 
+def test_workers_run_batches_at_once_and_hand_them_on_in_order():
+    """Several workers on one queue: batches overlap in time, yet reach the sinks in the order
+    they were taken, each once, also when a later batch finishes first or one fails."""
+    plugin = InferencePlugin()
+    plugin.load_model(onnx_bytes())
+    lock, active, most = threading.Lock(), [0], [0]
+    orig = plugin.process
+
+    def process(b):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        try:
+            first = int(b.unique_ids[0])
+            if first == 9:
+                raise RuntimeError("engine failed on this batch")
+            time.sleep(0.15 if (first // 4) % 2 == 0 else 0.0)  # even batches are slow
+            return orig(b)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    plugin.process = process
+    drv, out, _ = _collecting_driver(plugin, batch_size=4, flush_s=0.05, workers=3)
+    for f in frames(24):
+        assert drv.push(f, unique_id=f.unique_id)
+    drv.start()
+    try:
+        assert drv.wait_idle(30)
+        assert most[0] >= 2  # batches did run concurrently
+        assert uids(out) == [u for u in range(1, 25) if not 9 <= u <= 12]  # the failed batch
+        s = drv.stats()
+        assert s["ArrayCounter_RBV"] == 20 and s["DroppedArrays_RBV"] == 4
+        assert s["UniqueId_RBV"] == 24
+        out.clear()
+        for f in frames(12, start=25):  # arriving while workers wait to fill their batches
+            drv.push(f, unique_id=f.unique_id)
+            time.sleep(0.01)
+        assert drv.wait_idle(30)
+    finally:
+        drv.stop()
+    assert uids(out) == list(range(25, 37))
+    for b in out:  # one worker gathers a batch at a time: a batch is consecutive frames
+        assert list(b.unique_ids) == list(range(b.unique_ids[0], b.unique_ids[0] + len(b)))
+    ref = load_engine("onnxruntime", onnx_bytes())
+    src = frames(12, start=25)
+    for b in out:  # each phase is its own frame's, whichever worker computed it
+        np.testing.assert_allclose(b.phase, ref.infer(np.stack(
+            [src[int(u) - 25].data for u in b.unique_ids])), rtol=1e-4, atol=1e-4)
+
+
 def test_driver_counts_drops_when_full_bad_frames_gaps_and_no_model():
     plugin = InferencePlugin()
     drv, out, _ = _collecting_driver(plugin, queue_size=3, batch_size=1)
@@ -198,7 +249,7 @@ def test_driver_thread_carries_its_stage_name_in_the_os():
     drv, _, _ = _collecting_driver(InferencePlugin())
     drv.start()
     try:
-        tid = drv._thread.native_id
+        tid = drv._threads[0].native_id
         deadline = time.monotonic() + 10
         comm = ""
         while time.monotonic() < deadline and comm != f"plugin-{drv.name}"[:15]:
