@@ -32,7 +32,9 @@ package, and the script runs from any directory::
 JSON keys kept from earlier versions: ``bare_engine_hz`` (the better arrangement),
 ``ratio`` (best IOC saturated / best bare), ``max_rate_zero_drops_hz``; new:
 ``bare_engine_one_caller_hz``, ``bare_engine_workers_hz``, ``ratio_paired`` (each saturated run
-over the mean of the bare passes just before and after it) and its median, ``workers`` (one row per worker count), ``refine``,
+over the mean of the bare passes just before and after it) and its median, ``ratio_cpu`` (on
+the CPU: the bare engine's CPU per frame over the whole run's, IOC and this process, which
+stolen time on a shared host does not sway), ``workers`` (one row per worker count), ``refine``,
 ``baseline_per_frame``, ``sweep`` rows with ``missed``, ``not_inferred``, ``phase_skipped``
 (inferred but not posted on NN:Phase: its publisher's queue was full) and ``lost_in_transit``;
 ``cpu_us_per_frame`` in every IOC row: CPU per frame of each of the IOC's stages (its threads are
@@ -269,10 +271,12 @@ class IOCProcess:
 
 # ---------------------------------------------------------------------- measurements
 def bare_engine(engine_name: str, model: bytes, frames: np.ndarray, batch: int,
-                repeats: int = 3, workers: int = 1, **kwargs) -> float:
+                repeats: int = 3, workers: int = 1, cpu: list | None = None,
+                **kwargs) -> float:
     """Frames/s of engine.infer over all frames in batches (best of ``repeats`` passes), from
     one caller or, as the IOC's inference workers call it, from ``workers`` threads taking the
-    batches in turn (onnxruntime runs concurrent calls on one session)."""
+    batches in turn (onnxruntime runs concurrent calls on one session). ``cpu``: gets the CPU
+    µs per frame of each pass (this process's, which a shared machine's stolen time is not)."""
     from ptychostream.engines import load_engine
 
     engine = load_engine(engine_name, model, **kwargs)
@@ -287,12 +291,14 @@ def bare_engine(engine_name: str, model: bytes, frames: np.ndarray, batch: int,
     for _ in range(repeats):
         threads = [threading.Thread(target=run, args=(starts[k::workers],))
                    for k in range(workers)]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         best = max(best, len(frames) / (time.perf_counter() - t0))
+        if cpu is not None:
+            cpu.append((time.process_time() - c0) / len(frames) * 1e6)
     return best
 
 
@@ -310,22 +316,28 @@ class Bare:
 
             self.workers_kwargs["threads"] = max(1, usable_cores() // workers)
         self.one_caller = self.with_workers = 0.0
+        self.cpu_us: dict[str, list[float]] = {"one caller": [], "workers": []}
 
     def measure(self, repeats: int = 1) -> float:
         """Best of both arrangements now (``repeats`` passes each); keeps the best seen."""
         one = bare_engine(self.engine, self.model, self.frames, self.batch, repeats,
-                          **self.kwargs)
+                          cpu=self.cpu_us["one caller"], **self.kwargs)
         self.one_caller = max(self.one_caller, one)
         if self.workers <= 1:
             return one
         many = bare_engine(self.engine, self.model, self.frames, self.batch, repeats,
-                           self.workers, **self.workers_kwargs)
+                           self.workers, cpu=self.cpu_us["workers"], **self.workers_kwargs)
         self.with_workers = max(self.with_workers, many)
         return max(one, many)
 
     @property
     def best(self) -> float:
         return max(self.one_caller, self.with_workers)
+
+    @property
+    def least_cpu_us(self) -> float:
+        """CPU µs per frame of the bare engine's cheapest arrangement (median of its passes)."""
+        return min(float(np.median(v)) for v in self.cpu_us.values() if v)
 
 
 class Arrivals:
@@ -908,6 +920,11 @@ def main(argv: list[str] | None = None) -> int:
     results["bare_engine_hz"] = bare
     results["bare_engine_one_caller_hz"] = bares.one_caller
     results["bare_engine_workers"] = bares.workers
+    results["bare_engine_cpu_us_per_frame"] = bares.least_cpu_us
+    if "pipeline" in results and (args.device or "cpu") == "cpu":  # CPU time, not wall time
+        total = sum(results["pipeline"]["cpu_us_per_frame"].values())
+        results["cpu_us_per_frame_total"] = total
+        results["ratio_cpu"] = bares.least_cpu_us / total
     if bares.workers > 1:
         results["bare_engine_workers_hz"] = bares.with_workers
     results["load_average_end"] = os.getloadavg()
@@ -957,6 +974,11 @@ def report(results: dict, args, load0: str) -> str:
             f"  saturated: CPU per frame, µs (the bare engine, on all {os.cpu_count()} cores: "
             f"{os.cpu_count() * 1e6 / bare:.0f})"]
         lines += [f"    {k:<42}{v:8.0f}" for k, v in sat.get("cpu_us_per_frame", {}).items()]
+        if "ratio_cpu" in results:
+            lines.append(f"    {'all of it, beside the bare engine':<42}"
+                         f"{results['cpu_us_per_frame_total']:8.0f}   bare (CPU measured) "
+                         f"{results['bare_engine_cpu_us_per_frame']:.0f}: ratio by CPU "
+                         f"{results['ratio_cpu']:.2f}")
     if "pipeline_deep_monitor" in results:
         d = results["pipeline_deep_monitor"]
         lines.append(f"{'  same, input monitor queueSize ' + str(d['monitor_queue']):<40}"
