@@ -33,8 +33,8 @@ JSON keys kept from earlier versions: ``bare_engine_hz`` (the better arrangement
 ``ratio`` (best IOC saturated / best bare), ``max_rate_zero_drops_hz``; new:
 ``bare_engine_one_caller_hz``, ``bare_engine_workers_hz``, ``ratio_paired`` (each saturated run
 over the mean of the bare passes just before and after it) and its median, ``ratio_cpu`` (on
-the CPU: the bare engine's CPU per frame over the whole run's, IOC and this process, which
-stolen time on a shared host does not sway), ``workers`` (one row per worker count), ``refine``,
+the CPU: the bare engine's CPU per frame over the whole run's, IOC and this process; idle
+gaps do not count in it, so it moves less from run to run on a shared host), ``workers`` (one row per worker count), ``refine``,
 ``baseline_per_frame``, ``sweep`` rows with ``missed``, ``not_inferred``, ``phase_skipped``
 (inferred but not posted on NN:Phase: its publisher's queue was full) and ``lost_in_transit``;
 ``cpu_us_per_frame`` in every IOC row: CPU per frame of each of the IOC's stages (its threads are
@@ -276,7 +276,7 @@ def bare_engine(engine_name: str, model: bytes, frames: np.ndarray, batch: int,
     """Frames/s of engine.infer over all frames in batches (best of ``repeats`` passes), from
     one caller or, as the IOC's inference workers call it, from ``workers`` threads taking the
     batches in turn (onnxruntime runs concurrent calls on one session). ``cpu``: gets the CPU
-    µs per frame of each pass (this process's, which a shared machine's stolen time is not)."""
+    µs per frame of each pass (this process's CPU time)."""
     from ptychostream.engines import load_engine
 
     engine = load_engine(engine_name, model, **kwargs)
@@ -921,7 +921,7 @@ def main(argv: list[str] | None = None) -> int:
     results["bare_engine_one_caller_hz"] = bares.one_caller
     results["bare_engine_workers"] = bares.workers
     results["bare_engine_cpu_us_per_frame"] = bares.least_cpu_us
-    if "pipeline" in results and (args.device or "cpu") == "cpu":  # CPU time, not wall time
+    if "pipeline" in results and (args.device or "cpu") == "cpu":  # CPU time, not wall clock
         total = sum(results["pipeline"]["cpu_us_per_frame"].values())
         results["cpu_us_per_frame_total"] = total
         results["ratio_cpu"] = bares.least_cpu_us / total

@@ -271,8 +271,8 @@ def format_table(summary: dict) -> str:
                      f"{r['recon_s']:>8.1f} {new:>8} {r['deployed']:>8} {r['decision']}")
     t = summary["timing"]
     lines.append("")
-    lines.append(f"IOC inference {summary['ioc_ms_per_frame']:.2f} ms/frame "
-                 f"({summary['ioc_engine']}); total {t['total_s']:.0f} s "
+    lines.append(f"IOC inference {summary['ioc_ms_per_frame']:.2f} ms a frame in one engine "
+                 f"call ({summary['ioc_engine']}); total {t['total_s']:.0f} s "
                  f"(start-up {t['startup_s']:.0f}, training {t['training_s']:.0f}, "
                  f"test scans {t['tests_s']:.0f})")
     return "\n".join(lines)
