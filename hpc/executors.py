@@ -77,8 +77,19 @@ def resolve_endpoint_id(endpoint_id: str | None = None, config_path: str | Path 
 
 def _worker_init() -> None:
     """Worker start-up: a terminal's Ctrl-C (sent to the whole process group) is the caller's to
-    handle, not the worker's; and a worker ends when its caller dies (no orphans, Linux)."""
+    handle, not the worker's; and a worker ends when its caller dies (no orphans, Linux).
+    Progress bars (pty-chi's tqdm) lock with a thread lock: tqdm's default multiprocessing
+    lock is a named semaphore that a killed or recycled worker leaves behind, and Python warns
+    of it ("leaked semaphore objects") when the demo ends."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import threading
+
+        from tqdm import tqdm
+
+        tqdm.set_lock(threading.RLock())
+    except ImportError:  # no tqdm in this environment: nothing creates the semaphore
+        pass
     if sys.platform.startswith("linux"):
         import ctypes
 

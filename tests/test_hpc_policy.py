@@ -100,6 +100,31 @@ def test_local_executor_by_default(tmp_path, monkeypatch):
         assert ex.submit(P(tolerance=0.2).decide, "s", 0.9, 5.0).result().action == "suspend"
 
 
+def test_local_worker_progress_bars_leave_no_semaphore(tmp_path):
+    """pty-chi draws tqdm bars in the worker; a killed worker must not leave a named semaphore
+    that Python reports as leaked when the caller ends (as ``make demo`` did)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        from ptychostream.hpc.executors import LocalExecutor
+
+        def bars():
+            from tqdm import tqdm
+            return sum(tqdm(range(3)))
+
+        ex = LocalExecutor()
+        print("sum", ex.submit(bars).result())
+        ex.terminate()
+    """)
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "sum 3" in run.stdout
+    assert "leaked semaphore" not in run.stderr
+
+
 def test_transfer_config_and_paths(tmp_path):
     cfg = tmp_path / "hpc.toml"
     cfg.write_text("[compute]\n")
