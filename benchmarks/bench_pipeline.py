@@ -309,12 +309,10 @@ class Bare:
                  workers: int, kwargs: dict) -> None:
         self.engine, self.model, self.frames, self.batch = engine, model, frames, batch
         self.workers = workers
-        self.kwargs = kwargs
-        self.workers_kwargs = dict(kwargs)
-        if engine == "onnxruntime" and workers > 1:  # as the IOC splits the cores
-            from ptychostream.ioc.server import usable_cores
+        from ptychostream.ioc.server import worker_engine_kwargs
 
-            self.workers_kwargs["threads"] = max(1, usable_cores() // workers)
+        self.kwargs = kwargs
+        self.workers_kwargs = worker_engine_kwargs(engine, workers, kwargs)  # as the IOC does
         self.one_caller = self.with_workers = 0.0
         self.cpu_us: dict[str, list[float]] = {"one caller": [], "workers": []}
 

@@ -71,7 +71,7 @@ def usable_cores() -> int:
 
 #: inference workers on the CPU (onnxruntime), when not set: one per core up to this many,
 #: each engine call on cores of its own, which keeps the cores busier than one call spread
-#: over all of them (2 cores, bench_pipeline.py: see README "Speed")
+#: over all of them (2 cores, bench_pipeline.py: see README "Benchmarks")
 MAX_AUTO_WORKERS = 4
 
 
@@ -84,6 +84,15 @@ def engine_workers_for(engine: str, device: str | None, workers: int = 0) -> int
     if engine == "onnxruntime" and (device or "cpu") == "cpu":
         return max(1, min(MAX_AUTO_WORKERS, usable_cores()))
     return 1
+
+
+def worker_engine_kwargs(engine: str, workers: int, kwargs: dict | None = None) -> dict:
+    """Engine options for ``workers`` inference workers: onnxruntime's calls split the cores
+    between them (``threads``), unless the caller chose; other engines unchanged."""
+    out = dict(kwargs or {})
+    if engine == "onnxruntime" and workers > 1:
+        out.setdefault("threads", max(1, usable_cores() // workers))
+    return out
 
 
 def max_queue_for(queue_memory_mb: float) -> int:
@@ -128,12 +137,10 @@ class EdgeIOC:
             "NN:BatchSize": batch_size, "NN:IntensityScale": intensity_scale,
             "NN:Engine_RBV": engine, "NN:QueueSize": queue_size, "NN:QueueFree_RBV": queue_size,
         }, access=access)
-        engine_kwargs = dict(engine_kwargs or {})
         self.engine_workers = engine_workers_for(engine, device, engine_workers)
+        engine_kwargs = worker_engine_kwargs(engine, self.engine_workers, engine_kwargs)
         if engine == "onnxruntime":  # the engine shares the cores with the server's threads
             engine_kwargs.setdefault("spinning", False)
-            if self.engine_workers > 1:  # workers split the cores: each runs on its own
-                engine_kwargs.setdefault("threads", max(1, usable_cores() // self.engine_workers))
         self.device = device or "cpu"
         self.inference = InferencePlugin(engine, intensity_scale, engine_kwargs)
         self.stitching = StitchingPlugin(stitch_pixel_m, refine=refine, device=self.device,
