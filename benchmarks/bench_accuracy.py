@@ -19,8 +19,10 @@ iterative reconstruction get a probe reconstructed from an earlier high-overlap 
 area, started from a wrong guess, not the simulation's own probe. ``--ideal`` gives them the
 true probe and exact positions instead.
 
-Methods: ``ai`` (network, stitched), ``refine`` (one rPIE step per frame in arrival order,
-seeded flat), ``ai+refine`` (the same, seeded by the network), ``iterative`` (pty-chi rPIE,
+Methods: ``ai`` (network, stitched), ``refine`` (the IOC's refinement stage: one rPIE step per
+frame in arrival order, seeded flat, then revisits up to ``--refine-passes`` passes, by default
+``Stitch:MaxPasses``' default, what the IOC reaches while the detector pauses), ``ai+refine`` (the
+same, seeded by the network as the IOC blends it), ``iterative`` (pty-chi rPIE,
 :func:`ptychostream.hpc.reconstruct`). Stitching options (whole frame / crop / probe weights,
 each with and without constant-offset registration) are measured on every case. No ``--model``:
 no network rows. Refinement rows need :mod:`ptychostream.refine` (skipped while absent).
@@ -335,7 +337,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--cal-iterations", type=int, help="calibration iterations (default 100, quick 5)")
     ap.add_argument("--position-error-nm", type=float, default=15.0, help="rms encoder error per axis")
     ap.add_argument("--ideal", action="store_true", help="true probe and exact positions (inverse crime)")
-    ap.add_argument("--refine-passes", type=int, default=1)
+    ap.add_argument("--refine-passes", type=int, default=None,
+                    help="passes of the refinement rows (default: the IOC's Stitch:MaxPasses, 32)")
     ap.add_argument("--stitch", default="probe", choices=list(STITCH_VARIANTS),
                     help="stitching of the main rows (the table measures all of them)")
     ap.add_argument("--no-stitch-variants", dest="stitch_variants", action="store_false",
@@ -351,6 +354,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.cal_iterations = args.cal_iterations or (5 if q else 100)
     if args.ideal:
         args.position_error_nm = 0.0
+    if args.refine_passes is None:
+        from ptychostream.refine import DEFAULT_MAX_PASSES
+
+        args.refine_passes = int(DEFAULT_MAX_PASSES)
     return args
 
 

@@ -5,6 +5,8 @@ and device, on a simulated letters scan streamed in arrival order (ptychostream.
     python benchmarks/bench_refine.py [--device cpu|cuda] [--batches 1 8 32 128] [--json out.json]
     python benchmarks/bench_refine.py --scan SCAN.h5 --probe RECON.h5 --passes 1 2 4 8 \
         --probe-steps 0 0.5 --move-ramp on off --seed-model MODEL.onnx
+    python benchmarks/bench_refine.py --scan SCAN.h5 --probe RECON.h5 --seed-model MODEL.onnx \
+        --batches --arrival-caps 2 4 8 32
 
 A batch's frames update together (corrections from the same map, summed, applied once), so a
 GPU can take big batches; this shows what that costs in accuracy. ``--passes`` adds accuracy
@@ -13,6 +15,8 @@ after further passes (the IOC's idle-time revisits) with the probe given (``--pr
 scan's true probe), for each ePIE probe step: how far the probe, not the frames, limits the map;
 ``--move-ramp on off`` with and without the learning probe taking the map's phase ramp,
 ``--seed-model`` with and without the network's phases blended in as the IOC does.
+``--arrival-caps``: a slow detector, whose gaps leave time for every idle pass between two
+frames, with the passes capped while frames arrive (refine.LIVE_MAX_PASSES) or not (32).
 Figures are over the illuminated area (ptychostream.metrics), beside the flat map's.
 """
 
@@ -27,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ptychostream import setup_logging
+from ptychostream.refine import DEFAULT_MAX_PASSES, DEFAULT_PROBE_STEP
 
 log = logging.getLogger("bench_refine")
 
@@ -99,6 +104,28 @@ def run_passes(scan, probe, probe_step: float, passes: list[int], device: str,
     return rows
 
 
+def run_arrival(scan, probe, cap: float, final: float, device: str,
+                seed_phases: np.ndarray | None = None) -> dict:
+    """A slow detector: frames one at a time, and between two frames idle passes up to ``cap``
+    (the stream leaves time for all of them), then up to ``final`` once the scan is over, as
+    the IOC does with refine.LIVE_MAX_PASSES as ``cap``; the map's figures at both points."""
+    from ptychostream.refine import Refiner
+
+    r = Refiner(probe, scan.object_pixel_size_m, positions_m=scan.positions_m, device=device,
+                probe_step=DEFAULT_PROBE_STEP, seed="none" if seed_phases is None else "blend",
+                history=scan.n_frames)
+    for i in range(scan.n_frames):
+        r.update(scan.frames[i:i + 1], scan.positions_m[i:i + 1],
+                 None if seed_phases is None else seed_phases[i:i + 1])
+        while r.passes < cap - 1e-9 and r.revisit():
+            pass
+    at_end = score(r, scan)
+    while r.passes < final - 1e-9 and r.revisit():
+        pass
+    return {"cap": cap, "passes": final, "scan_end": {k: at_end[k] for k in ("ssim", "corr", "mae")},
+            **{k: v for k, v in score(r, scan).items()}}
+
+
 def probe_overlap(probe, true_probe) -> float:
     """|<p, p_true>| / (|p| |p_true|) of the first modes: 1 for the true probe up to scale."""
     n = np.shape(true_probe)[-1]
@@ -129,6 +156,9 @@ def main(argv: list[str] | None = None) -> dict:
                                          "(blend, as the IOC does): rows with and without")
     ap.add_argument("--seed-modes", nargs="*", choices=("blend", "new"), default=["blend"],
                     help="how --seed-model's phases seed the map (refine.SEED_MODES)")
+    ap.add_argument("--arrival-caps", nargs="*", type=float, default=[],
+                    help="also a slow detector: idle passes between two frames up to each of "
+                         "these caps, then Stitch:MaxPasses' default once the scan is over")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     setup_logging()
@@ -169,6 +199,9 @@ def main(argv: list[str] | None = None) -> dict:
                  for row in run_passes(scan, probe, step, args.passes, device,
                                        move_ramp=move == "on", seed_phases=seed,
                                        seed_mode=mode)]
+    arrival_rows = [{"seed": mode, **run_arrival(scan, probe, cap, DEFAULT_MAX_PASSES, device,
+                                                 seed)}
+                    for seed, mode in seeds[-1:] for cap in args.arrival_caps]
     mask = illuminated_mask(scan.positions_m, scan.truth_phase.shape, scan.truth_origin_m,
                             scan.object_pixel_size_m, scan.beam_fwhm_m)
     flat = flat_baseline(scan.truth_phase, mask)
@@ -198,8 +231,19 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{r['corr']:>6.4f} {r['mae']:>8.4f} {r['ramp_rad_per_px']:>11.1e} "
                   f"{r['deramped_ssim']:>13.3f} / {r['deramped_corr']:.4f} / "
                   f"{r['deramped_mae']:.4f}")
+    if arrival_rows:
+        print(f"\nslow detector: frames one at a time, idle passes between them up to the cap, "
+              f"then {DEFAULT_MAX_PASSES:g} (probe: {probe_name}, probe step "
+              f"{DEFAULT_PROBE_STEP:g}, seed {arrival_rows[0]['seed']})")
+        print(f"{'cap':>5} {'at scan end SSIM / corr / MAE':>30} "
+              f"{f'after {DEFAULT_MAX_PASSES:g} passes':>30}")
+        for r in arrival_rows:
+            e = r["scan_end"]
+            print(f"{r['cap']:>5g} {e['ssim']:>12.3f} / {e['corr']:.4f} / {e['mae']:.4f} "
+                  f"{r['ssim']:>12.3f} / {r['corr']:.4f} / {r['mae']:.4f}")
     out = {"device": name, "scan": args.scan, "positions": scan.n_frames, "step_nm": step_nm,
            "rows": rows, "flat": flat, "probe": probe_name, "passes": pass_rows,
+           "arrival": arrival_rows,
            "probe_overlap": probe_overlap(probe, scan.probe)}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,8 @@ Two maps on one grid (:class:`ptychostream.stitch.Canvas`):
   weighted by the region its frame informs and its constant offset registered to the map;
 * when a probe is known, the complex object refined frame by frame against the measured
   intensities (:class:`ptychostream.refine.Refiner`), seeded by the network's phase where the
-  map has not seen the sample yet, and re-visited when the stream leaves time.
+  map has not seen the sample yet, and re-visited when the stream leaves time: a few passes
+  while frames still arrive, up to ``Stitch:MaxPasses`` once the stream pauses.
 
 The map shown (``image()``) is the refined one when refinement runs, else the stitched one.
 A frame's position comes from its PosX/PosY attributes; without them, from the planned
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import numpy as np
 
@@ -39,6 +41,14 @@ PIXEL_TOLERANCE = 0.01
 #: frame of a saturated stream cost inference 18 % of its rate (bench_pipeline.py --sections
 #: refine: on/off 0.82)
 DEFER_BACKLOG = 32
+#: the stream counts as paused (idle passes may go on to Stitch:MaxPasses, beyond
+#: refine.LIVE_MAX_PASSES) as soon as every planned position has its frame, or once no frame
+#: came for this many of its usual gaps between batches, and at least SETTLE_MIN_S; while a
+#: planned scan is still short of frames, at least SETTLE_PLAN_S (a fly scan's turnaround is
+#: no pause; a scan that lost frames or was stopped still settles)
+SETTLE_GAPS = 4.0
+SETTLE_MIN_S = 0.5
+SETTLE_PLAN_S = 5.0
 
 
 class StitchingPlugin:
@@ -79,6 +89,9 @@ class StitchingPlugin:
         self._refiner = None
         self._first_uid: int | None = None
         self._order_rows = 0
+        self.clock = time.monotonic  # for the stream's pauses (a test may move it on)
+        self._last_batch: float | None = None  # clock() when the last frames were placed
+        self._gap = 0.0  # running mean of the time between batches placed
         self.version = 0  # bumps at every change of the map, so hosts republish only when needed
 
     # ------------------------------------------------------------------ control
@@ -112,6 +125,7 @@ class StitchingPlugin:
             self._refiner = None
             self._first_uid = None
             self._order_rows = 0
+            self._last_batch, self._gap = None, 0.0
             self.version += 1
 
     def set_probe(self, probe, source: str = "") -> np.ndarray:
@@ -290,13 +304,38 @@ class StitchingPlugin:
                 placed |= r.update(batch.data, batch.positions, seed_phase=seed, defer=defer)
                 why = (f"not refined ({r.n_dark - dark} dark, {r.n_nonfinite - nonfinite} "
                        "non-finite update, the rest beyond the map's size bound)")
+            if placed.any():
+                now = self.clock()
+                if self._last_batch is not None:
+                    gap = now - self._last_batch
+                    self._gap = gap if not self._gap else 0.8 * self._gap + 0.2 * gap
+                self._last_batch = now
             self.version += 1
             return batch.drop(~placed, why)
 
+    def stream_paused(self) -> bool:
+        """Every planned position placed, or no frame for a while (SETTLE_*): idle passes may
+        then go on to ``max_passes``; while frames arrive they stop at LIVE_MAX_PASSES."""
+        if self._last_batch is None:
+            return True
+        wait = max(SETTLE_MIN_S, SETTLE_GAPS * self._gap)
+        if self._planned is not None:
+            if self.n_frames >= len(self._planned):
+                return True
+            wait = max(wait, SETTLE_PLAN_S)
+        return self.clock() - self._last_batch >= wait
+
+    def pass_limit(self) -> float:
+        """Frame updates a frame the idle passes go up to now (see refine.LIVE_MAX_PASSES)."""
+        from ptychostream.refine import LIVE_MAX_PASSES
+
+        return self.max_passes if self.stream_paused() else min(self.max_passes, LIVE_MAX_PASSES)
+
     def idle(self) -> bool:
-        """Further passes: re-visit stored frames while the stream leaves time."""
+        """Further passes: re-visit stored frames while the stream leaves time, up to
+        :meth:`pass_limit`."""
         r = self._refiner
-        if r is None or not r.stored or r.passes >= self.max_passes:
+        if r is None or not r.stored or r.passes >= self.pass_limit():
             return False
         if self.idle_gate is not None and not self.idle_gate():
             return False

@@ -112,7 +112,8 @@ PVS: dict[str, PVSpec] = {
                    "catch up (frames seeded, refined later)"),
         PVSpec("Stitch:MaxPasses", "float", True, 32.0,  # refine.DEFAULT_MAX_PASSES
                "stop re-visiting frames once the map has this many frame updates per frame "
-               "(idle time only; 1: the live pass alone)", precision=1),
+               "(idle time only; at most 8 while frames still arrive; 1: the live pass alone)",
+               precision=1),
         PVSpec("Stitch:Weighting", "enum", True, 0,
                "weight of each network image in the stitch: probe intensity, a central crop, "
                "or the whole frame", choices=("Probe", "Crop", "Uniform")),

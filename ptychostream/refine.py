@@ -84,6 +84,19 @@ DEFAULT_MOVE_RAMP = True
 #: 32 -> 0.799 / 0.9985 / 0.0285, 48 -> 0.794 / 0.9986 / 0.0276. Idle time only: inference
 #: never waits for them (plugins/stitching.py)
 DEFAULT_MAX_PASSES = 32.0
+#: while frames still arrive, idle passes stop at this many (then go on to the maximum once the
+#: stream pauses, plugins/stitching.py): a map whose first frames are refined over and over
+#: before their neighbours arrive settles into a wrong solution that later frames do not undo,
+#: which is what a slow detector got (0.4 s frames leave time for every pass between two
+#: frames). Measured on the demo's scans, frames one at a time, idle passes between them up to
+#: the cap, then 32 (benchmarks/bench_refine.py --scan S.h5 --probe RECON.h5 --seed-model
+#: MODEL.onnx --batches --arrival-caps 2 4 8 32), SSIM / corr / MAE (rad) when the scan ends
+#: and after 32 passes: test scan (120 frames, overlap 0.85) cap 2 0.746 / 0.9967 / 0.0432 ->
+#: 0.873 / 0.9988 / 0.0235, 4 0.718 / 0.9979 / 0.0365 -> 0.827 / 0.9989 / 0.0239, 8 0.780 /
+#: 0.9982 / 0.0325 -> 0.873 / 0.9989 / 0.0229, 32 (no cap) 0.740 / 0.9979 / 0.0353 -> the same;
+#: sparse scan (18 frames, overlap 0.61) 2 -> 0.766 / 0.9981 / 0.0337, 4 -> 0.763 / 0.9981 /
+#: 0.0340, 8 -> 0.748 / 0.9980 / 0.0354, 32 -> 0.437 / 0.9811 / 0.1077
+LIVE_MAX_PASSES = 8.0
 #: probe power allowed (sum |P|^2): anything outside is no probe of a detector with counts
 PROBE_POWER_RANGE = (1e-12, 1e15)
 

@@ -224,6 +224,43 @@ def test_refinement_without_a_network_shows_the_sample(letters):
     assert "simulation" in plugin.probe_status()
 
 
+def test_idle_passes_stop_at_the_live_cap_until_the_stream_pauses(letters):
+    """A slow detector leaves time for every idle pass between two frames: while frames still
+    arrive the passes stop at LIVE_MAX_PASSES (early frames refined over and over before their
+    neighbours arrive leave the map worse, bench_refine.py --arrival-caps), and go on to
+    Stitch:MaxPasses once every planned position has its frame or the stream has paused."""
+    import time
+
+    from ptychostream.refine import LIVE_MAX_PASSES
+
+    s = letters.subset(slice(0, 12))
+    for planned in (True, False):
+        plugin = StitchingPlugin(probe_step=0.0, max_passes=LIVE_MAX_PASSES + 4)
+        plugin.set_probe(s.probe, "simulation")
+        if planned:
+            plugin.set_positions(s.positions_m)
+        for i in range(s.n_frames - 1):
+            plugin.process(FrameBatch.from_arrays(s.frames[i:i + 1], [i + 1],
+                                                  s.positions_m[i:i + 1], s.object_pixel_size_m))
+            while plugin.idle():
+                pass
+            assert plugin.passes <= LIVE_MAX_PASSES + 1, (planned, i, plugin.passes)
+        assert plugin.passes >= LIVE_MAX_PASSES - 1  # the cap, not a lack of idle time, held them
+        if not planned:  # no plan: the stream pauses when no frame came for a while
+            plugin.clock = lambda: time.monotonic() + 3600.0
+        else:  # a pause in a planned scan (a fly scan's turnaround) is no end; its last frame is
+            plugin.clock = lambda: time.monotonic() + 2.0
+            assert not plugin.stream_paused()
+            plugin.clock = time.monotonic
+            i = s.n_frames - 1
+            plugin.process(FrameBatch.from_arrays(s.frames[i:], [i + 1], s.positions_m[i:],
+                                                  s.object_pixel_size_m))
+        assert plugin.stream_paused()
+        while plugin.idle():
+            pass
+        assert plugin.passes >= plugin.max_passes - 1, (planned, plugin.passes)
+
+
 def test_a_stage_behind_inference_seeds_at_once_and_refines_when_there_is_time(letters):
     """While frames wait for inference the map stage only seeds the map (the network's phases
     show at once) and keeps the frames; once inference has caught up they are refined first,
