@@ -7,6 +7,8 @@ against the scan's truth when the last frame is placed and once the idle passes 
     python benchmarks/bench_live_map.py --scan demo-output/scans/test.h5 \
         --probe demo-output/work/train-4.recon.h5 \
         --model demo-output/work/model-train-4/model.onnx --rates 2 5 60 --json live.json
+    python benchmarks/bench_live_map.py --scan demo-output/scans/test.h5 \
+        demo-output/scans/sparse.h5 --probe ... --model ... --rates 60 --repeats 3   # the demo's
 
 A slow detector leaves time for every idle pass between two frames; a fast one for none until
 the scan ends (refine.LIVE_MAX_PASSES says why the passes wait for the stream to pause).
@@ -104,61 +106,75 @@ def start_ioc(cmd: list[str], tmp: Path, model: bool) -> subprocess.Popen:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scan", required=True, help="scan file with truth (e.g. the demo's)")
+    ap.add_argument("--scan", required=True, nargs="+",
+                    help="scan files with truth (e.g. the demo's); several stream in this order "
+                         "into one IOC, the map reset between them, as a beamline's scans do")
     ap.add_argument("--probe", required=True, help="the IOC's --probe (e.g. an earlier scan's "
                                                    "reconstruction)")
     ap.add_argument("--model", help="the IOC's --model-file (seeds the map); none: no network")
     ap.add_argument("--rates", nargs="+", type=float, default=[2.0, 5.0, 60.0],
                     help="detector frame rates (Hz)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs at each rate (a fresh IOC each)")
     ap.add_argument("--settle-timeout", type=float, default=180.0)
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     isolate()  # before p4p is imported
     setup_logging()
+    from ptychostream.ioc import client
     from ptychostream.ioc.sim_detector import SimDetector
     from ptychostream.metrics import flat_baseline, illuminated_mask
     from ptychostream.scanfile import read_scan
 
-    scan = read_scan(args.scan)
-    if scan.truth_phase is None:
-        raise SystemExit(f"{args.scan} holds no truth to score against")
-    mask = illuminated_mask(scan.positions_m, scan.truth_phase.shape, scan.truth_origin_m,
-                            scan.object_pixel_size_m, scan.beam_fwhm_m)
-    flat = flat_baseline(scan.truth_phase, mask)
+    scans, flats = [], {}
+    for path in args.scan:
+        scan = read_scan(path)
+        if scan.truth_phase is None:
+            raise SystemExit(f"{path} holds no truth to score against")
+        mask = illuminated_mask(scan.positions_m, scan.truth_phase.shape, scan.truth_origin_m,
+                                scan.object_pixel_size_m, scan.beam_fwhm_m)
+        flats[path] = {k: v for k, v in flat_baseline(scan.truth_phase, mask).items()
+                       if k in ("ssim", "corr", "mae")}
+        scans.append((path, scan))
     ioc_cli = Path(sys.executable).with_name("ptychostream-ioc")
     cmd = [str(ioc_cli), "--loopback", "--prefix", PREFIX, "--input", PREFIX + "det:Image",
            "--probe", args.probe, *(["--model-file", args.model] if args.model else [])]
     rows = []
-    det = SimDetector(PREFIX + "det:Image", scan)  # served before the IOC starts to look for it
+    det = SimDetector(PREFIX + "det:Image", scans[0][1])  # served before the IOC looks for it
     try:
         uid = 1
-        for rate in args.rates:  # a fresh IOC each: the probe it learns stays with a map reset
-            with tempfile.TemporaryDirectory(prefix="bench-live-map-") as tmp:
-                ioc = start_ioc(cmd, Path(tmp), bool(args.model))
-                try:
-                    rows.append(stream_once(det, scan, rate, uid, args.settle_timeout))
-                finally:
-                    ioc.terminate()
-                    ioc.wait(30)
-            uid += scan.n_frames
-            log.info("%g Hz: %s", rate, rows[-1])
+        for rate in args.rates:
+            for repeat in range(args.repeats):
+                # a fresh IOC each run: the probe it learns stays with a map reset
+                with tempfile.TemporaryDirectory(prefix="bench-live-map-") as tmp:
+                    ioc = start_ioc(cmd, Path(tmp), bool(args.model))
+                    try:
+                        for k, (path, scan) in enumerate(scans):
+                            if k:
+                                client.put(PREFIX, "Stitch:Reset", 1)
+                            row = stream_once(det, scan, rate, uid, args.settle_timeout)
+                            rows.append({"scan": path, "repeat": repeat, **row})
+                            uid += scan.n_frames
+                            log.info("%s at %g Hz: %s", path, rate, rows[-1])
+                    finally:
+                        ioc.terminate()
+                        ioc.wait(30)
     finally:
         det.publisher.close()
-    print(f"\nlive map of {args.scan} ({scan.n_frames} frames) in ptychostream-ioc, probe "
-          f"{args.probe}, model {args.model or 'none'}; SSIM / corr / MAE (rad) over the "
-          f"illuminated area")
-    print(f"{'rate Hz':>8} {'scan s':>7} {'passes':>6} {'when the scan ends':>26} {'passes':>6} "
-          f"{'settled':>26} {'s after':>7}")
+    print(f"\nlive map in ptychostream-ioc, probe {args.probe}, model {args.model or 'none'}; "
+          "SSIM / corr / MAE (rad) over the illuminated area")
+    print(f"{'scan':<28} {'rate Hz':>7} {'scan s':>7} {'passes':>6} {'when the scan ends':>26} "
+          f"{'passes':>6} {'settled':>26} {'s after':>7}")
     for r in rows:
         e, s = r["scan_end"], r["settled"]
-        print(f"{r['rate_hz']:>8g} {r['scan_s']:>7.1f} {e['passes']:>6.1f} "
-              f"{e['ssim']:>8.3f} / {e['corr']:.4f} / {e['mae']:.4f} {s['passes']:>6.1f} "
-              f"{s['ssim']:>8.3f} / {s['corr']:.4f} / {s['mae']:.4f} "
+        print(f"{Path(r['scan']).name:<28} {r['rate_hz']:>7g} {r['scan_s']:>7.1f} "
+              f"{e['passes']:>6.1f} {e['ssim']:>8.3f} / {e['corr']:.4f} / {e['mae']:.4f} "
+              f"{s['passes']:>6.1f} {s['ssim']:>8.3f} / {s['corr']:.4f} / {s['mae']:.4f} "
               f"{s['seconds_after_scan']:>7.1f}")
-    print(f"{'flat map':>8} {'':>7} {'':>6} {flat['ssim']:>8.3f} / {flat['corr']:.4f} / "
-          f"{flat['mae']:.4f}")
-    out = {"scan": args.scan, "probe": args.probe, "model": args.model, "frames": scan.n_frames,
-           "rows": rows, "flat": {k: flat[k] for k in ("ssim", "corr", "mae")}}
+    for path, f in flats.items():
+        print(f"{Path(path).name + ', flat map':<28} {'':>7} {'':>7} {'':>6} {f['ssim']:>8.3f} / "
+              f"{f['corr']:.4f} / {f['mae']:.4f}")
+    out = {"scans": args.scan, "probe": args.probe, "model": args.model, "rows": rows,
+           "flat": flats}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2))
