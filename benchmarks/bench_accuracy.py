@@ -126,6 +126,15 @@ def calibrate_probe(args, cfg: ExperimentConfig, work: Path) -> tuple[np.ndarray
     return probe, info
 
 
+def _refine_device(args) -> str:
+    """Refinement runs where the IOC's would: the GPU when there is one (``--device``)."""
+    if args.device:
+        return args.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _threads(args) -> dict:
     return {"threads": args.threads} if args.threads else {}
 
@@ -190,7 +199,8 @@ def run_case(name: str, cfg: ExperimentConfig, args, engine, probe_known: np.nda
         for label, seed in seeds:
             t0 = time.perf_counter()
             rmap, rorigin = refine_scan(scan.frames, scan.positions_m, probe, dx,
-                                        passes=args.refine_passes, seed_phases=seed)
+                                        passes=args.refine_passes, seed_phases=seed,
+                                        device=_refine_device(args))
             out["seconds"][label] = time.perf_counter() - t0
             on_grid = place_on_grid(np.asarray(rmap, np.float32), rorigin, dx, truth.shape, origin)
             rows[label] = fig(on_grid)
@@ -343,7 +353,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="stitching of the main rows (the table measures all of them)")
     ap.add_argument("--no-stitch-variants", dest="stitch_variants", action="store_false",
                     help="only the --stitch variant")
-    ap.add_argument("--device", help="pty-chi device (default: a GPU if there is one)")
+    ap.add_argument("--device", help="pty-chi and refinement device (default: a GPU if there is one)")
     ap.add_argument("--threads", type=int, help="torch CPU threads for pty-chi")
     ap.add_argument("--seed-offset", type=int, default=0, help="added to every scan's seed")
     args = ap.parse_args(argv)
