@@ -95,7 +95,8 @@ PVS: dict[str, PVSpec] = {
         PVSpec("Stitch:RefineAlpha", "float", True, 0.1, "rPIE alpha of the object update",
                precision=2),
         PVSpec("Stitch:ProbeStep", "float", True, 0.5,
-               "ePIE probe step after each object step (0: the probe stays as given)"),
+               "ePIE probe step after each object step, shrinking as 8 / passes beyond 8 "
+               "passes (0: the probe stays as given)"),
         PVSpec("Stitch:SeedMode", "enum", True, 1,
                "how the network's phase seeds the refined map: pixels not yet seen, a "
                "weighted blend, or not at all", choices=("New", "Blend", "None")),
