@@ -219,8 +219,9 @@ class Refiner:
         self.probe_alpha = float(probe_alpha)
         self.probe_start = int(probe_start)
         self.revisit_alpha = float(revisit_alpha)
-        self._alpha_now = self.alpha
-        self._probe_step_now: float | None = None  # a revisit's annealed step; None: probe_step
+        # a revisit's own alpha and annealed probe step; None: alpha / probe_step as set now
+        self._alpha_now: float | None = None
+        self._probe_step_now: float | None = None
         self.seed = seed
         self.match_seed = bool(match_seed)
         self.move_ramp = bool(move_ramp)
@@ -425,7 +426,7 @@ class Refiner:
             dpsi = torch.where(good[:, None, None, None], dpsi, torch.zeros_like(dpsi))
         win.add("num", (P.conj()[None] * dpsi).sum(1))
         win.add("den", good.to(p_int.dtype)[:, None, None] * p_int)
-        alpha = self._alpha_now
+        alpha = self._alpha_now if self._alpha_now is not None else self.alpha
         new = o_map + win.gather("num") / ((1 - alpha) * win.gather("den") + alpha * p_max)
         good &= torch.isfinite(torch.view_as_real(new.sum((1, 2))).sum(-1))
         keep = good.cpu().numpy()
@@ -498,13 +499,12 @@ class Refiner:
             pick = ring[np.argsort(counts, kind="stable")[:k]]
             amp = self._hist_amp[torch.as_tensor(pick, device=self.device)].to(torch.float32)
             # frames deferred by a stage that was behind get their first update as live ones do
-            self._alpha_now = self.alpha if counts.min() == 0 else self.revisit_alpha
+            self._alpha_now = None if counts.min() == 0 else self.revisit_alpha
             self._probe_step_now = self.revisit_probe_step()
             try:
                 good = self._step(amp, self._hist_pos[pick], None)
             finally:
-                self._alpha_now = self.alpha
-                self._probe_step_now = None
+                self._alpha_now = self._probe_step_now = None
             self._hist_count[pick] += 1
             n = int(good.sum())
             self.n_updates += n

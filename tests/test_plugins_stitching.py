@@ -443,3 +443,19 @@ def test_further_passes_take_ever_smaller_probe_steps(letters):
     assert late and all(st == pytest.approx(0.5 * PROBE_ANNEAL_PASSES / p) for p, st in late)
     assert r.revisit_probe_step() < 0.5 * 0.6 and r._probe_step_now is None
     assert r.probe_updates > len(taken)  # the probe learnt on every step, live and revisits
+
+
+def test_a_new_alpha_takes_effect_at_the_next_frame(letters):
+    """Stitch:RefineAlpha sets the refiner's alpha: the next live update uses it, with no
+    further pass in between (a map with Stitch:MaxPasses 1 has none)."""
+    from ptychostream.refine import Refiner
+
+    s = letters.subset(slice(0, 6))
+    maps = []
+    for first in (0.1, 0.9):
+        r = Refiner(s.probe, s.object_pixel_size_m, alpha=first, probe_step=0.0, seed="none",
+                    positions_m=s.positions_m, history=s.n_frames)
+        r.alpha = 0.9  # what StitchingPlugin.configure does on a RefineAlpha write
+        r.update(s.frames, s.positions_m)
+        maps.append(r.complex_image())
+    np.testing.assert_array_equal(maps[0], maps[1])
