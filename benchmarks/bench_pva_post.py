@@ -1,7 +1,8 @@
 """What one NTNDArray update costs the server that posts it, by image size and subscriber count.
 
 The IOC posts every phase image on NN:Phase; on a GPU at 20 kHz this, not inference, sets the
-limit. Measured here: CPU seconds of the posting process (all its threads: p4p, pvxs's
+limit. Measured here: the CPU time of building each update from a frame (``ntndarray.to_value``,
+and p4p's ``NTNDArray.wrap`` beside it), then CPU seconds of the posting process (all its threads: p4p, pvxs's
 serialisation and the kernel's loopback TCP) per update, and the wall time of ``post()``,
 with 0 or N subscribers in other processes, each asking for every update::
 
@@ -43,11 +44,24 @@ SUBSCRIBER = textwrap.dedent("""
 """)
 
 
+def encode_us(encode, frame, n: int = 1000) -> float:
+    """CPU µs to build one update from a Frame (warm: the first few are not counted)."""
+    from ptychostream.ntndarray import Frame
+
+    frames = [Frame(frame.data, i + 2, frame.timestamp, frame.attributes) for i in range(n)]
+    for f in frames[:20]:
+        encode(f)
+    cpu0 = time.process_time()
+    for f in frames:
+        encode(f)
+    return (time.process_time() - cpu0) / n * 1e6
+
+
 def measure(size: int, n_subs: int, n: int, burst: int) -> dict:
     from p4p.server import Server
     from p4p.server.thread import SharedPV
 
-    from ptychostream.ntndarray import Frame, to_value
+    from ptychostream.ntndarray import Frame, _wrapped, to_value
 
     name = f"BENCHPOST{size}x{n_subs}:Phase"
     frame = Frame(np.random.default_rng(0).random((size, size)).astype(np.float32), 1,
@@ -58,6 +72,7 @@ def measure(size: int, n_subs: int, n: int, burst: int) -> dict:
                                  stdout=subprocess.PIPE, text=True) for _ in range(n_subs)]
         for s in subs:
             assert s.stdout.readline().strip() == "ready", "a subscriber did not connect"
+        encode, wrap = (encode_us(fn, frame) for fn in (to_value, lambda f: _wrapped(f, f.data)))
         values = [to_value(Frame(frame.data, i + 2, frame.timestamp, frame.attributes))
                   for i in range(burst)]
         cpu0, wall_post = time.process_time(), 0.0
@@ -73,7 +88,8 @@ def measure(size: int, n_subs: int, n: int, burst: int) -> dict:
             s.wait(10)
     posted = (n // burst) * burst
     return {"size": size, "subscribers": n_subs, "posted": posted, "received": received,
-            "cpu_us_per_update": cpu / posted * 1e6,
+            "cpu_us_per_update": cpu / posted * 1e6, "encode_us_per_update": encode,
+            "p4p_wrap_us_per_update": wrap,
             "post_wall_us_per_update": wall_post / posted * 1e6,
             "mb_per_update": size * size * 4 / 2**20}
 
@@ -105,11 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = [measure(size, k, a.updates, a.burst) for size in a.sizes for k in a.subscribers]
     print(f"\nNTNDArray float32 updates posted by one p4p SharedPV, {a.updates} each, bursts of "
           f"{a.burst}")
-    print(f"{'image':>9}{'subscribers':>13}{'CPU us/update':>15}{'post() us':>11}"
-          f"{'max updates/s/core':>20}  received")
+    print(f"{'image':>9}{'subscribers':>13}{'encode us':>11}{'(p4p wrap)':>11}{'CPU us/update':>15}"
+          f"{'post() us':>11}{'max updates/s/core':>20}  received")
     for r in rows:
         rate = 1e6 / r["cpu_us_per_update"] if r["cpu_us_per_update"] > 0 else float("inf")
-        print(f"{r['size']:>5}x{r['size']:<3}{r['subscribers']:>13}{r['cpu_us_per_update']:>15.0f}"
+        print(f"{r['size']:>5}x{r['size']:<3}{r['subscribers']:>13}{r['encode_us_per_update']:>11.0f}"
+              f"{r['p4p_wrap_us_per_update']:>11.0f}"
+              f"{r['cpu_us_per_update']:>15.0f}"
               f"{r['post_wall_us_per_update']:>11.0f}{rate:>20.0f}  {r['received']}")
     if a.json:
         with open(a.json, "w") as fh:

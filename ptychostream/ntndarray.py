@@ -48,15 +48,45 @@ def ntndarray_type():
 
 
 def to_value(frame: Frame):
-    """Frame -> p4p Value of type epics:nt/NTNDArray:1.0."""
+    """Frame -> p4p Value of type epics:nt/NTNDArray:1.0, the Value p4p's ``NTNDArray.wrap``
+    builds, in one ``Value(type, dict)`` call: wrap's general path cost 66 µs a 128x128 frame
+    against 38 here (2 CPU cores), and NN:Phase posts every phase image."""
+    data = np.ascontiguousarray(frame.data)
+    if data.ndim != 2:  # colour images: wrap deduces their ColorMode from the shape
+        return _wrapped(frame, data)
+    from p4p import Value
+
+    nt = _nt()
     ts = frame.timestamp or time.time()
     sec = int(ts)
-    nsec = int((ts - sec) * 1e9)
+    stamp = {"secondsPastEpoch": sec, "nanoseconds": int((ts - sec) * 1e9)}
+    attrib = [{"name": k, "value": _plain(v)} for k, v in frame.attributes.items()]
+    if "ColorMode" not in frame.attributes:
+        attrib.append({"name": "ColorMode", "value": 0})  # gray, as wrap adds it
+    rows, cols = data.shape
+    return Value(nt.type, {
+        "value": (nt._code2u[data.dtype.char], data.ravel()),
+        "compressedSize": data.nbytes, "uncompressedSize": data.nbytes,
+        "uniqueId": int(frame.unique_id) & 0x7FFFFFFF,
+        "attribute": attrib,
+        "dimension": [_dimension(cols), _dimension(rows)],  # inner-most first
+        "timeStamp": stamp, "dataTimeStamp": stamp,
+    })
+
+
+def _dimension(n: int) -> dict:
+    return {"size": n, "offset": 0, "fullSize": n, "binning": 1, "reverse": False}
+
+
+def _wrapped(frame: Frame, data: np.ndarray):
+    """The same Value through p4p's NTNDArray.wrap (any number of dimensions)."""
+    ts = frame.timestamp or time.time()
+    sec = int(ts)
     attrib = {k: _plain(v) for k, v in frame.attributes.items()}
-    value = _nt().wrap(np.ascontiguousarray(frame.data), attrib=attrib, timestamp=ts)
+    value = _nt().wrap(data, attrib=attrib, timestamp=ts)
     value["uniqueId"] = int(frame.unique_id) & 0x7FFFFFFF
     value["dataTimeStamp.secondsPastEpoch"] = sec
-    value["dataTimeStamp.nanoseconds"] = nsec
+    value["dataTimeStamp.nanoseconds"] = int((ts - sec) * 1e9)
     return value
 
 

@@ -41,6 +41,34 @@ def wait_for(pred, timeout: float = 30.0, what: str = "condition") -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _plain(d):
+    """A Value's todict() with its arrays as lists, so two of them compare with ==."""
+    return {k: _plain(v) if isinstance(v, dict) else
+            (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in d.items()}
+
+
+def test_frames_encode_as_p4p_wraps_them_and_decode_back():
+    """The detector's and NN:Phase's encoder builds the Value itself (faster than p4p's
+    NTNDArray.wrap); it must be the very Value wrap builds, and decode back to the frame."""
+    from ptychostream.ntndarray import Frame, _wrapped, from_value, to_value
+
+    rng = np.random.default_rng(3)
+    cases = [(rng.random((16, 24)).astype(np.float32),
+              {"PosX": np.float64(1e-6), "PosY": 2e-6, "ModelName": "m", "ModelVersion": 3}),
+             (rng.integers(0, 60000, (8, 8)).astype(np.uint16), {}),
+             (np.zeros((0, 0), np.uint32), {"ColorMode": 0}),
+             (rng.random((3, 4, 5)), {"Tag": "colour"})]
+    for data, attrs in cases:
+        frame = Frame(data, 2**33 + 5, 1764672000.123456, attrs)
+        value = to_value(frame)
+        assert _plain(value.todict()) == _plain(_wrapped(frame, data).todict()), data.shape
+        back = from_value(value)
+        np.testing.assert_array_equal(back.data, data)
+        assert back.unique_id == (2**33 + 5) & 0x7FFFFFFF
+        assert abs(back.timestamp - frame.timestamp) < 1e-6
+        assert {k: back.attributes[k] for k in attrs} == {k: attrs[k] for k in attrs}
+
+
 def test_sim_detector_publishes_scan_with_attributes(epics_env, scan):
     from p4p.client.thread import Context
 
