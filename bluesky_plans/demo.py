@@ -117,11 +117,12 @@ def _wait_refined(ioc, timeout: float = 60.0, stall: float = 3.0) -> float:
 
 def stitched_map(phases: np.ndarray, scan, shape, origin_m, pixel_m: float) -> np.ndarray:
     """Per-frame phases stitched offline as the IOC stitches the network's (probe weights,
-    offsets registered), on a given grid."""
-    from ptychostream.stitch import Stitcher
+    offsets registered if that is the default), on a given grid."""
+    from ptychostream.stitch import DEFAULT_REGISTER_OFFSETS, Stitcher
 
     st = Stitcher(pixel_m, phases.shape[-1], positions_m=scan.positions_m, weighting="probe",
-                  probe=scan.probe, beam_fwhm_m=scan.beam_fwhm_m, register_offsets=True)
+                  probe=scan.probe, beam_fwhm_m=scan.beam_fwhm_m,
+                  register_offsets=DEFAULT_REGISTER_OFFSETS)
     st.add_many(phases, scan.positions_m, batch=8)
     return st.resample_to(shape, origin_m)
 

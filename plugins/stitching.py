@@ -28,7 +28,13 @@ import numpy as np
 
 from ptychostream.batch import FrameBatch
 from ptychostream.ntndarray import Frame
-from ptychostream.stitch import MAX_MAP_PX, WEIGHTINGS, Stitcher, frame_weights
+from ptychostream.stitch import (
+    DEFAULT_REGISTER_OFFSETS,
+    MAX_MAP_PX,
+    WEIGHTINGS,
+    Stitcher,
+    frame_weights,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +63,7 @@ class StitchingPlugin:
     name = "Stitch"
 
     def __init__(self, pixel_m: float = 0.0, crop: int | None = None, weighting: str = "probe",
-                 beam_fwhm_m: float = 800e-9, register_offsets: bool = True,
+                 beam_fwhm_m: float = 800e-9, register_offsets: bool = DEFAULT_REGISTER_OFFSETS,
                  refine: bool = True, alpha: float | None = None,
                  probe_step: float | None = None, seed: str | None = None, device: str = "cpu",
                  history: int = 2048, max_passes: float | None = None, max_px: int = MAX_MAP_PX,

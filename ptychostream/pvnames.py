@@ -122,7 +122,7 @@ PVS: dict[str, PVSpec] = {
                "central crop (px) for Weighting Crop; 0: the beam's FWHM", units="px"),
         PVSpec("Stitch:BeamSize", "float", True, 800.0,
                "beam FWHM, for weights while no probe is known", units="nm", precision=1),
-        PVSpec("Stitch:RegisterOffsets", "enum", True, 1,
+        PVSpec("Stitch:RegisterOffsets", "enum", True, 0,  # stitch.DEFAULT_REGISTER_OFFSETS
                "match each network image's constant phase to the map before adding it",
                choices=("Disable", "Enable")),
         PVSpec("Stitch:SaveFile", "str", True, "",

@@ -15,7 +15,7 @@ import torch
 
 from ptychostream.model import ModelError, PtychoNN2, export_onnx, state_dict_bytes
 from ptychostream.pvnames import PVS
-from ptychostream.stitch import stitch
+from ptychostream.stitch import DEFAULT_REGISTER_OFFSETS, stitch
 
 PIXEL = 12.9e-9
 
@@ -341,6 +341,10 @@ def test_scalar_writes_validated_and_applied(ioc_factory):
     assert (ioc.nn.batch_size, ioc.inference.intensity_scale, ioc.nn.queue_size) == (3, 10.0, 17)
     assert ioc.nn.enabled is False
     assert client.get(p, "NN:EnableCallbacks") == 0
+    assert client.get(p, "Stitch:RegisterOffsets") == int(DEFAULT_REGISTER_OFFSETS)
+    assert ioc.stitching.register_offsets is DEFAULT_REGISTER_OFFSETS
+    client.put(p, "Stitch:RegisterOffsets", 1)
+    assert ioc.stitching.register_offsets is True
     for suffix, bad in [("NN:BatchSize", 0), ("NN:IntensityScale", -1.0), ("NN:QueueSize", 0)]:
         with pytest.raises(RemoteError):
             client.put(p, suffix, bad)
