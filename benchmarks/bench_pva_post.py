@@ -1,10 +1,11 @@
 """What one NTNDArray update costs the server that posts it, by image size and subscriber count.
 
 The IOC posts every phase image on NN:Phase; on a GPU at 20 kHz this, not inference, sets the
-limit. Measured here: the CPU time of building each update from a frame (``ntndarray.to_value``,
-and p4p's ``NTNDArray.wrap`` beside it), then CPU seconds of the posting process (all its threads: p4p, pvxs's
-serialisation and the kernel's loopback TCP) per update, and the wall time of ``post()``,
-with 0 or N subscribers in other processes, each asking for every update::
+limit. Measured here: the CPU time of building each update from a frame
+(``ntndarray.to_value``, and p4p's ``NTNDArray.wrap`` beside it); CPU seconds of the posting
+process (all its threads: p4p, pvxs's serialisation and the kernel's loopback TCP) per
+update, and the wall time of ``post()``, with 0 or N subscribers in other processes, each
+asking for every update::
 
     python benchmarks/bench_pva_post.py [--sizes 16 128 256] [--subscribers 0 1 2] [--json out.json]
 

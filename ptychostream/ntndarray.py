@@ -58,9 +58,7 @@ def to_value(frame: Frame):
     from p4p import Value
 
     nt = _nt()
-    ts = frame.timestamp or time.time()
-    sec = int(ts)
-    stamp = {"secondsPastEpoch": sec, "nanoseconds": int((ts - sec) * 1e9)}
+    stamp = _stamp(frame)
     attrib = [{"name": k, "value": _plain(v)} for k, v in frame.attributes.items()]
     if "ColorMode" not in frame.attributes:
         attrib.append({"name": "ColorMode", "value": 0})  # gray, as wrap adds it
@@ -79,15 +77,21 @@ def _dimension(n: int) -> dict:
     return {"size": n, "offset": 0, "fullSize": n, "binning": 1, "reverse": False}
 
 
-def _wrapped(frame: Frame, data: np.ndarray):
-    """The same Value through p4p's NTNDArray.wrap (any number of dimensions)."""
+def _stamp(frame: Frame) -> dict:
+    """The frame's time (now if it has none) as an NT timeStamp."""
     ts = frame.timestamp or time.time()
     sec = int(ts)
+    return {"secondsPastEpoch": sec, "nanoseconds": int((ts - sec) * 1e9)}
+
+
+def _wrapped(frame: Frame, data: np.ndarray):
+    """The same Value through p4p's NTNDArray.wrap (any number of dimensions)."""
+    stamp = _stamp(frame)
     attrib = {k: _plain(v) for k, v in frame.attributes.items()}
-    value = _nt().wrap(data, attrib=attrib, timestamp=ts)
+    value = _nt().wrap(data, attrib=attrib,
+                       timestamp=(stamp["secondsPastEpoch"], stamp["nanoseconds"]))
     value["uniqueId"] = int(frame.unique_id) & 0x7FFFFFFF
-    value["dataTimeStamp.secondsPastEpoch"] = sec
-    value["dataTimeStamp.nanoseconds"] = int((ts - sec) * 1e9)
+    value["dataTimeStamp"] = stamp
     return value
 
 
