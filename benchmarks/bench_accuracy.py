@@ -348,7 +348,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--position-error-nm", type=float, default=15.0, help="rms encoder error per axis")
     ap.add_argument("--ideal", action="store_true", help="true probe and exact positions (inverse crime)")
     ap.add_argument("--refine-passes", type=int, default=None,
-                    help="passes of the refinement rows (default: the IOC's Stitch:MaxPasses, 32)")
+                    help="passes of the refinement rows (default: the IOC's Stitch:MaxPasses, "
+                         "32; quick 8)")
     ap.add_argument("--stitch", default="probe", choices=list(STITCH_VARIANTS),
                     help="stitching of the main rows (the table measures all of them)")
     ap.add_argument("--no-stitch-variants", dest="stitch_variants", action="store_false",
@@ -364,6 +365,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.cal_iterations = args.cal_iterations or (5 if q else 100)
     if args.ideal:
         args.position_error_nm = 0.0
+    if args.refine_passes is None and q:
+        args.refine_passes = 8
     if args.refine_passes is None:
         from ptychostream.refine import DEFAULT_MAX_PASSES
 

@@ -331,7 +331,11 @@ def _run_ptychi(scan, probe0, shape, origin, iterations, device, options) -> tup
     probe = rescale_probe(probe0[None], frames)  # (1, modes, N, N), power matched to the data
     pos_px = np.asarray(scan.positions_m, np.float64) / dx
     obj = np.ones((1, *shape), np.complex64)
-    previous_device = torch.get_default_device()
+    # pty-chi sets a process-wide default device; put back what was there, which is usually
+    # none at all: torch.set_default_device("cpu") would leave a function mode that costs every
+    # later torch call a Python round trip (it doubled the refinement's time after a run)
+    previous_device = getattr(torch._GLOBAL_DEVICE_CONTEXT, "device_context", None)
+    previous_device = None if previous_device is None else previous_device.device
     with warnings.catch_warnings():
         # pty-chi reads a scalar from a tensor that requires grad, once per run: harmless noise
         warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")
@@ -353,7 +357,7 @@ def _run_ptychi(scan, probe0, shape, origin, iterations, device, options) -> tup
             table = task.reconstructor.loss_tracker.table
             settings["final_loss"] = float(table["loss"].iloc[-1]) if len(table) else float("nan")
         finally:
-            torch.set_default_device(previous_device)  # pty-chi sets a process-wide default
+            torch.set_default_device(previous_device)
     return result_obj, result_probe, settings
 
 

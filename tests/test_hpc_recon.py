@@ -49,6 +49,25 @@ def test_reconstruction_matches_truth(hpc_scans):
     assert abs(np.median(rec.phase[m & (truth < 0.05)])) < 0.15 * scan.truth_phase.max()
 
 
+def test_a_reconstruction_leaves_the_default_device_as_it_found_it(hpc_scans, tmp_path):
+    """pty-chi sets a process-wide default device; putting back torch.get_default_device()
+    ("cpu" when none was set) left a function mode behind that cost every later torch call of
+    the process a Python round trip (the refinement ran at half speed after a reconstruction)."""
+    import torch
+    from torch.overrides import _get_current_function_mode_stack
+
+    reconstruct(hpc_scans["scans"][0], str(tmp_path / "r.h5"), iterations=1, device="cpu", threads=1)
+    assert _get_current_function_mode_stack() == []
+    torch.set_default_device("cpu")  # a caller's own default stays
+    try:
+        reconstruct(hpc_scans["scans"][0], str(tmp_path / "r2.h5"), iterations=1, device="cpu",
+                    threads=1)
+        assert len(_get_current_function_mode_stack()) == 1
+        assert torch.get_default_device() == torch.device("cpu")
+    finally:
+        torch.set_default_device(None)
+
+
 def test_the_ramp_moves_into_the_probe_and_the_frames_do_not_see_it(hpc_scans):
     """move_ramp_to_probe: every frame's far field is the same with the ramp moved (the
     ambiguity), and a written reconstruction's object has no ramp left for the labels to take."""
