@@ -365,12 +365,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.cal_iterations = args.cal_iterations or (5 if q else 100)
     if args.ideal:
         args.position_error_nm = 0.0
-    if args.refine_passes is None and q:
-        args.refine_passes = 8
     if args.refine_passes is None:
         from ptychostream.refine import DEFAULT_MAX_PASSES
 
-        args.refine_passes = int(DEFAULT_MAX_PASSES)
+        args.refine_passes = 8 if q else int(DEFAULT_MAX_PASSES)
     return args
 
 

@@ -333,9 +333,10 @@ def _run_ptychi(scan, probe0, shape, origin, iterations, device, options) -> tup
     obj = np.ones((1, *shape), np.complex64)
     # pty-chi sets a process-wide default device; put back what was there, which is usually
     # none at all: torch.set_default_device("cpu") would leave a function mode that costs every
-    # later torch call a Python round trip (it doubled the refinement's time after a run)
-    previous_device = getattr(torch._GLOBAL_DEVICE_CONTEXT, "device_context", None)
-    previous_device = None if previous_device is None else previous_device.device
+    # later torch call a Python round trip (the refinement took 1.5x its time after a run).
+    # torch.get_default_device() says "cpu" for none, so read the context torch keeps itself
+    context = getattr(torch._GLOBAL_DEVICE_CONTEXT, "device_context", None)
+    previous_device = None if context is None else context.device
     with warnings.catch_warnings():
         # pty-chi reads a scalar from a tensor that requires grad, once per run: harmless noise
         warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")

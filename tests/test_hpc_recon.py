@@ -52,7 +52,7 @@ def test_reconstruction_matches_truth(hpc_scans):
 def test_a_reconstruction_leaves_the_default_device_as_it_found_it(hpc_scans, tmp_path):
     """pty-chi sets a process-wide default device; putting back torch.get_default_device()
     ("cpu" when none was set) left a function mode behind that cost every later torch call of
-    the process a Python round trip (the refinement ran at half speed after a reconstruction)."""
+    the process a Python round trip (the refinement took 1.5x its time after a reconstruction)."""
     import torch
     from torch.overrides import _get_current_function_mode_stack
 
