@@ -14,7 +14,9 @@ after further passes (the IOC's idle-time revisits) with the probe given (``--pr
 :func:`ptychostream.refine.load_probe` reads, e.g. an earlier scan's reconstruction; default the
 scan's true probe), for each ePIE probe step: how far the probe, not the frames, limits the map;
 ``--move-ramp on off`` with and without the learning probe taking the map's phase ramp,
-``--seed-model`` with and without the network's phases blended in as the IOC does.
+``--seed-model`` with and without the network's phases blended in as the IOC does
+(``--seed-model truth``: the true phase crops, a perfect network), ``--probe-starts`` with the
+probe learning from that many frames on.
 ``--arrival-caps``: a slow detector, whose gaps leave time for every idle pass between two
 frames, with the passes capped while frames arrive (refine.LIVE_MAX_PASSES) or not (32).
 Figures are over the illuminated area (ptychostream.metrics), beside the flat map's.
@@ -82,23 +84,27 @@ def run(scan, batch: int, device: str, threads: int | None, probe_step: float) -
 
 def run_passes(scan, probe, probe_step: float, passes: list[int], device: str,
                move_ramp: bool = True, seed_phases: np.ndarray | None = None,
-               seed_mode: str = "blend") -> list[dict]:
+               seed_mode: str = "blend", probe_start: int | None = None,
+               handover: int = 64) -> list[dict]:
     """One live pass (seeded by ``seed_phases`` when given, as ``seed_mode`` says), then
     revisits; the map's figures after each number of passes asked."""
-    from ptychostream.refine import Refiner
+    from ptychostream.refine import DEFAULT_PROBE_START, Refiner
 
     seed_mode = "none" if seed_phases is None else seed_mode
+    probe_start = DEFAULT_PROBE_START if probe_start is None else int(probe_start)
     r = Refiner(probe, scan.object_pixel_size_m, positions_m=scan.positions_m, device=device,
-                probe_step=probe_step, seed=seed_mode,
+                probe_step=probe_step, seed=seed_mode, probe_start=probe_start,
                 history=scan.n_frames, move_ramp=move_ramp)
-    for s in range(0, scan.n_frames, 64):  # handed over as a stream's batches
-        r.update(scan.frames[s:s + 64], scan.positions_m[s:s + 64],
-                 None if seed_phases is None else seed_phases[s:s + 64])
+    for s in range(0, scan.n_frames, handover):  # handed over as a stream's batches
+        e = s + handover
+        r.update(scan.frames[s:e], scan.positions_m[s:e],
+                 None if seed_phases is None else seed_phases[s:e])
     rows = []
     for target in sorted(passes):
         while r.passes < target - 1e-9:
             r.revisit()
-        rows.append({"probe_step": probe_step, "move_ramp": move_ramp,
+        rows.append({"probe_step": probe_step, "probe_start": probe_start,
+                     "handover": handover, "move_ramp": move_ramp,
                      "seed": seed_mode, "passes": target,
                      "batch": r.batch, **score(r, scan)})
     return rows
@@ -153,9 +159,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--move-ramp", nargs="*", choices=("on", "off"), default=["on"],
                     help="passes rows with the learning probe taking the map's ramp, without")
     ap.add_argument("--seed-model", help="also seed the live pass with this model's phases "
-                                         "(blend, as the IOC does): rows with and without")
+                                         "(blend, as the IOC does): rows with and without; "
+                                         "'truth': the scan's true phase crops (a perfect "
+                                         "network)")
+    ap.add_argument("--probe-starts", nargs="*", type=int, default=[None],
+                    help="passes rows with the probe learning from this many frames on "
+                         "(default refine.DEFAULT_PROBE_START)")
     ap.add_argument("--seed-modes", nargs="*", choices=("blend", "new"), default=["blend"],
                     help="how --seed-model's phases seed the map (refine.SEED_MODES)")
+    ap.add_argument("--handover", type=int, default=64,
+                    help="frames handed to the refiner at once in the passes rows (the IOC "
+                         "hands over its NN:BatchSize, 8 by default; the probe starts learning "
+                         "at the first hand-over past --probe-starts)")
     ap.add_argument("--arrival-caps", nargs="*", type=float, default=[],
                     help="also a slow detector: idle passes between two frames up to each of "
                          "these caps, then Stitch:MaxPasses' default once the scan is over")
@@ -187,18 +202,25 @@ def main(argv: list[str] | None = None) -> dict:
         probe, probe_name = load_probe(args.probe)
     seeds: list[tuple[np.ndarray | None, str]] = [(None, "none")]
     if args.seed_model:
-        from ptychostream.engines import load_engine
+        if args.seed_model == "truth":  # a perfect network: what seeding itself costs
+            if scan.truth_crops is None:
+                raise SystemExit(f"{args.scan} holds no truth crops to seed with")
+            phases = np.asarray(scan.truth_crops, np.float32)
+        else:
+            from ptychostream.engines import load_engine
 
-        engine = load_engine("onnxruntime" if args.seed_model.endswith(".onnx") else "torch",
-                             args.seed_model)
-        phases = np.concatenate([engine.infer(scan.frames[s:s + 8].astype(np.float32))
-                                 for s in range(0, scan.n_frames, 8)])
+            engine = load_engine("onnxruntime" if args.seed_model.endswith(".onnx")
+                                 else "torch", args.seed_model)
+            phases = np.concatenate([engine.infer(scan.frames[s:s + 8].astype(np.float32))
+                                     for s in range(0, scan.n_frames, 8)])
         seeds += [(phases, mode) for mode in args.seed_modes]
     pass_rows = [row for seed, mode in seeds for move in args.move_ramp
                  for step in (args.probe_steps if args.passes else [])
+                 for start in args.probe_starts
                  for row in run_passes(scan, probe, step, args.passes, device,
                                        move_ramp=move == "on", seed_phases=seed,
-                                       seed_mode=mode)]
+                                       seed_mode=mode, probe_start=start,
+                                       handover=args.handover)]
     arrival_rows = [{"seed": mode, **run_arrival(scan, probe, cap, DEFAULT_MAX_PASSES, device,
                                                  seed)}
                     for seed, mode in seeds[-1:] for cap in args.arrival_caps]
@@ -223,11 +245,13 @@ def main(argv: list[str] | None = None) -> dict:
               f"(normalised overlap with the scan's true probe {overlap:.5f})")
         print("(ramp: slope of the plane fitted to map - truth, the error no diffraction pattern "
               "can tell; deramped: the figures once that plane is removed)")
-        print(f"{'seed':>5} {'ramp to probe':>13} {'probe step':>10} {'passes':>6} {'SSIM':>6} "
+        print(f"{'seed':>5} {'ramp to probe':>13} {'probe step':>10} {'from':>5} {'passes':>6} "
+              f"{'SSIM':>6} "
               f"{'corr':>6} {'MAE rad':>8} {'ramp rad/px':>11} {'deramped SSIM / corr / MAE':>27}")
         for r in pass_rows:
             print(f"{r['seed']:>5} {'on' if r['move_ramp'] else 'off':>13} "
-                  f"{r['probe_step']:>10.2f} {r['passes']:>6} {r['ssim']:>6.3f} "
+                  f"{r['probe_step']:>10.2f} {r['probe_start']:>5} {r['passes']:>6} "
+                  f"{r['ssim']:>6.3f} "
                   f"{r['corr']:>6.4f} {r['mae']:>8.4f} {r['ramp_rad_per_px']:>11.1e} "
                   f"{r['deramped_ssim']:>13.3f} / {r['deramped_corr']:.4f} / "
                   f"{r['deramped_mae']:.4f}")

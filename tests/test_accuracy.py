@@ -191,3 +191,23 @@ def test_refinement_benchmark_compares_the_ramp_move_and_the_network_seed(tmp_pa
     combos = {(r["seed"], r["move_ramp"]) for r in out["passes"]}
     assert combos == {("none", True), ("none", False), ("blend", True), ("blend", False)}
     assert all(math.isfinite(r["corr"]) and math.isfinite(r["mae"]) for r in out["passes"])
+
+
+def test_refinement_benchmark_seeds_with_the_truth_and_starts_the_probe_late(tmp_path):
+    """--seed-model truth seeds the live pass with the true phase crops (a perfect network),
+    which must beat no seed after one pass; --probe-starts past the scan's length keeps the
+    probe as handed in, and --handover hands the frames over in batches that size."""
+    from ptychostream.scanfile import write_scan
+    from ptychostream.simulation import simulate_scan
+
+    scan = simulate_scan(n_positions=24, step_m=60e-9, seed=9, sample_kind="test")
+    scan_file = write_scan(tmp_path / "scan.h5", scan, compression=None)
+    out = _load("bench_refine").main([
+        "--scan", str(scan_file), "--batches", "--passes", "1", "--probe-steps", "0.5",
+        "--seed-model", "truth", "--probe-starts", "8", "1000", "--handover", "8"])
+    rows = {(r["seed"], r["probe_start"]): r for r in out["passes"]}
+    assert set(rows) == {("none", 8), ("none", 1000), ("blend", 8), ("blend", 1000)}
+    assert all(r["handover"] == 8 for r in rows.values())
+    assert rows["blend", 1000]["mae"] < 0.7 * rows["none", 1000]["mae"]
+    # the probe learning from the 8th frame on changes the map; from the 1000th, never
+    assert rows["none", 8]["mae"] != rows["none", 1000]["mae"]
